@@ -1,0 +1,265 @@
+"""The one config schema of the pipeline, its YAML loader and dotted overrides.
+
+Every section is a strict pydantic model (``extra="forbid"``): a typo in a YAML key or an
+override is an error naming the key and the file it came from. Each stage receives only its
+own section, so a stage's config hash changes only when something it reads changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnMap(_Strict):
+    """Column names of a generic interactions table (parquet or CSV)."""
+
+    user: str = "user"  # raw user id column
+    item: str = "item"  # raw item id column
+    timestamp: str | None = "timestamp"  # event time (int seconds or datetime); None = no time
+    weight: str | None = None  # optional interaction weight column
+
+
+class SyntheticConfig(_Strict):
+    """The embedded default data set: planted user/item clusters and skewed popularity."""
+
+    n_users: int = Field(2000, ge=10)  # number of users
+    n_items: int = Field(1000, ge=10)  # number of items
+    n_clusters: int = Field(10, ge=1)  # taste clusters shared by users and items
+    mean_interactions: float = Field(30.0, gt=1)  # mean interactions per user (geometric)
+    in_cluster: float = Field(0.8, ge=0, le=1)  # share of a user's items from its own cluster
+    popularity_exponent: float = Field(1.0, ge=0)  # Zipf exponent of item popularity
+    seed: int = 0  # generator seed
+
+
+class DataConfig(_Strict):
+    """Where the raw interactions come from and how to read them."""
+
+    source: Literal["synthetic", "lightgcn", "movielens", "table"] = "synthetic"
+    path: str | None = None  # directory (lightgcn, movielens) or file (table)
+    users_path: str | None = None  # table source: optional user attribute table
+    items_path: str | None = None  # table source: optional item attribute table
+    columns: ColumnMap = ColumnMap()  # table source: column mapping
+    synthetic: SyntheticConfig = SyntheticConfig()  # synthetic source parameters
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        return self
+
+
+class FeaturesConfig(_Strict):
+    """Vocabularies, splits, histories and attribute encodings."""
+
+    split: Literal["given", "time", "leave_last_n"] = "leave_last_n"  # how test is chosen
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # time split: share of latest events
+    leave_last_n: int = Field(2, ge=1)  # leave_last_n split: test events per user
+    valid_fraction: float = Field(0.1, ge=0, lt=1)  # share of each user's train carved out
+    valid_strategy: Literal["random", "last"] = "random"  # which train events go to valid
+    history_len: int = Field(50, ge=0)  # last N train items kept as the user's history
+    seed: int = 0  # seed for the random validation carve
+
+
+class ModelConfig(_Strict):
+    """Which parts the towers have; an id-only pair of towers is plain MF."""
+
+    dim: int = Field(64, ge=2)  # output embedding size
+    user_id: bool = True  # user id embedding
+    user_history: bool = True  # mean-pooled embeddings of the user's recent items
+    user_attributes: bool = True  # user attribute embeddings
+    item_id: bool = True  # item id embedding
+    item_attributes: bool = True  # item attribute embeddings
+    share_item_embeddings: bool = True  # history uses the item tower's id table
+    combine: Literal["sum", "concat"] = "sum"  # sum the parts, or concat them then project
+    hidden: list[int] = []  # MLP hidden sizes after the concat; [] = one linear layer
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout inside the MLP
+    normalize: bool = True  # L2-normalise both towers' outputs (cosine / inner product)
+
+
+class LossConfig(_Strict):
+    """Sampled softmax over in-batch negatives (Yi et al., RecSys 2019)."""
+
+    name: Literal["softmax"] = "softmax"
+    temperature: float = Field(0.1, gt=0)  # logits are divided by this
+    logq: bool = True  # subtract log sampling probability of each candidate
+
+
+class NegativesConfig(_Strict):
+    """Where negatives come from."""
+
+    in_batch: bool = True  # the other rows' positives are the negatives
+    mask_accidental_hits: bool = True  # a row's own positive / same user's rows never negatives
+
+
+class TrainConfig(_Strict):
+    """Optimisation, validation and checkpointing."""
+
+    epochs: int = Field(10, ge=1)  # maximum epochs
+    batch_size: int = Field(1024, ge=2)  # rows per step = in-batch negatives + 1
+    lr: float = Field(3e-3, gt=0)  # AdamW learning rate
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping
+    valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
+    seed: int = 0  # seed of init and batch order
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    progress: bool = True  # show a progress bar
+
+
+class IndexConfig(_Strict):
+    """The FAISS index over all items."""
+
+    factory: str = "Flat"  # faiss.index_factory string
+    metric: Literal["ip", "l2"] = "ip"  # must agree with model.normalize / training
+    gpu: Literal["auto", "never"] = "auto"  # move to GPU(s) when faiss reports any
+    nprobe: int | None = None  # IVF probes at search time (None = faiss default)
+
+
+class EvalConfig(_Strict):
+    """The offline evaluation protocol (DESIGN.md)."""
+
+    ks: list[int] = [10, 20, 50, 100]  # cut-offs for recall@k and NDCG@k
+    batch_size: int = Field(1024, ge=1)  # users scored per batch
+
+    @model_validator(mode="after")
+    def _ks_positive(self) -> EvalConfig:
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError("eval.ks must be a non-empty list of positive integers")
+        self.__dict__["ks"] = sorted(set(self.ks))
+        return self
+
+
+class ExportConfig(_Strict):
+    """The serving bundle."""
+
+    version: str | None = None  # bundle version; None = UTC timestamp
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking."""
+
+    enabled: bool = True
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in the work directory
+    experiment: str = "twotower"
+
+
+class Config(_Strict):
+    """The whole pipeline's configuration."""
+
+    name: str = "default"  # a label for runs of this config
+    data: DataConfig = DataConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    negatives: NegativesConfig = NegativesConfig()
+    train: TrainConfig = TrainConfig()
+    index: IndexConfig = IndexConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _metric_agrees(self) -> Config:
+        if self.model.normalize and self.index.metric != "ip":
+            raise ValueError(
+                "index.metric must be 'ip' when model.normalize is true: the towers are "
+                "trained on inner products of L2-normalised vectors"
+            )
+        return self
+
+
+def section_hash(cfg: BaseModel) -> str:
+    """A short stable hash of a config section (used to detect changed stage inputs)."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}' in {source}")
+        else:
+            lines.append(f"invalid value for '{key}' in {source}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` override in a nested dict (a copy is returned)."""
+    out = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Errors name the offending key and where it came from (the file or ``--set``).
+    """
+    raw: dict[str, Any] = {}
+    source = "the defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raw = loaded
+        try:
+            Config.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, source)) from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} with --set {' '.join(overrides)}"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, every field present."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
