@@ -181,9 +181,13 @@ class Config(_Strict):
         return self
 
 
-def section_hash(cfg: BaseModel) -> str:
-    """A short stable hash of a config section (used to detect changed stage inputs)."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+def section_hash(cfg: BaseModel | dict[str, Any]) -> str:
+    """A short stable hash of a config section, or of a dict of sections.
+
+    Used to detect that a stage's inputs changed between runs.
+    """
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -1,0 +1,152 @@
+"""Feature tables as tensors, and training batches sliced from them.
+
+Nothing here builds a Python object per interaction: list columns become padded int64
+matrices with vectorised numpy, and a batch is a set of index gathers into those matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline.rundir import (
+    EVENTS,
+    FEATURE_META,
+    ITEM_FEATURES,
+    USER_FEATURES,
+    RunDir,
+    read_json,
+    read_parquet,
+    scan_parquet,
+)
+
+USER_FEATURE_COLUMNS = {"user_idx": "int", "history_train": "list[int]", "history_all": "list[int]"}
+ITEM_FEATURE_COLUMNS = {"item_idx": "int", "pop_train": "int", "pop_all": "int"}
+EVENT_COLUMNS = {"user_idx": "int", "item_idx": "int", "timestamp": "int", "split": "str"}
+
+
+def padded(series: pl.Series, width: int | None = None) -> np.ndarray:
+    """A list[int] column as a (rows, width) int64 matrix, right-padded with 0.
+
+    ``width`` defaults to the longest list (at least 1); longer lists keep their last
+    ``width`` entries (the most recent, for histories stored oldest → newest).
+    """
+    lens = series.list.len().fill_null(0).to_numpy().astype(np.int64)  # (rows,)
+    if width is None:
+        width = max(int(lens.max(initial=0)), 1)
+    if lens.max(initial=0) > width:
+        series = series.list.tail(width)
+        lens = np.minimum(lens, width)
+    flat = series.explode().drop_nulls().to_numpy().astype(np.int64)  # (sum lens,)
+    out = np.zeros((len(series), width), dtype=np.int64)  # (rows, width)
+    rows = np.repeat(np.arange(len(series)), lens)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    cols = np.arange(len(flat)) - np.repeat(starts, lens)
+    out[rows, cols] = flat
+    return out
+
+
+def _scatter_rows(idx: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
+    """Place ``values`` (rows in table order) at row ``idx`` of an n_rows table; row 0 stays 0."""
+    out = np.zeros((n_rows, *values.shape[1:]), dtype=values.dtype)
+    out[idx] = values
+    return out
+
+
+@dataclass
+class FeatureTensors:
+    """Every user and item feature as a tensor indexed by user_idx / item_idx (row 0 = OOV)."""
+
+    n_users: int
+    n_items: int
+    history_train: torch.Tensor  # (n_users, H) int64, 0 = padding; train items only
+    history_all: torch.Tensor  # (n_users, H) int64; train + valid items (test and serving)
+    user_attrs: dict[str, torch.Tensor]  # name -> (n_users,) or (n_users, M) int64 codes
+    item_attrs: dict[str, torch.Tensor]  # name -> (n_items,) or (n_items, M) int64 codes
+    pop_train: torch.Tensor  # (n_items,) int64 train counts
+    pop_all: torch.Tensor  # (n_items,) int64 train + valid counts
+    meta: dict[str, Any]
+
+    def user_batch(self, user_idx: torch.Tensor, history: str = "train") -> dict[str, torch.Tensor]:
+        """Inputs of the user tower for these users (history from 'train' or 'all')."""
+        hist = self.history_train if history == "train" else self.history_all
+        batch = {"user_idx": user_idx, "history": hist[user_idx]}
+        for name, table in self.user_attrs.items():
+            batch[f"ua_{name}"] = table[user_idx]
+        return batch
+
+    def item_batch(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs of the item tower for these items."""
+        batch = {"item_idx": item_idx}
+        for name, table in self.item_attrs.items():
+            batch[f"ia_{name}"] = table[item_idx]
+        return batch
+
+
+def _attr_tensors(df: pl.DataFrame, idx: np.ndarray, spec: dict[str, Any], n: int) -> dict:
+    out: dict[str, torch.Tensor] = {}
+    for name, info in spec.items():
+        if info["kind"] == "multi":
+            values = padded(df[name])
+        else:
+            values = df[name].fill_null(0).to_numpy().astype(np.int64)
+        out[name] = torch.from_numpy(_scatter_rows(idx, values, n))
+    return out
+
+
+def load_feature_tensors(run: RunDir) -> FeatureTensors:
+    """Read the features stage's user/item tables into tensors."""
+    meta = read_json(run.path(FEATURE_META))
+    n_users, n_items, width = meta["n_users"], meta["n_items"], max(meta["history_len"], 1)
+    users = read_parquet(run.path(USER_FEATURES), USER_FEATURE_COLUMNS)
+    items = read_parquet(run.path(ITEM_FEATURES), ITEM_FEATURE_COLUMNS)
+    uidx = users["user_idx"].to_numpy().astype(np.int64)
+    iidx = items["item_idx"].to_numpy().astype(np.int64)
+    return FeatureTensors(
+        n_users=n_users,
+        n_items=n_items,
+        history_train=torch.from_numpy(
+            _scatter_rows(uidx, padded(users["history_train"], width), n_users)
+        ),
+        history_all=torch.from_numpy(
+            _scatter_rows(uidx, padded(users["history_all"], width), n_users)
+        ),
+        user_attrs=_attr_tensors(users, uidx, meta.get("user_attrs", {}), n_users),
+        item_attrs=_attr_tensors(items, iidx, meta.get("item_attrs", {}), n_items),
+        pop_train=torch.from_numpy(
+            _scatter_rows(iidx, items["pop_train"].to_numpy().astype(np.int64), n_items)
+        ),
+        pop_all=torch.from_numpy(
+            _scatter_rows(iidx, items["pop_all"].to_numpy().astype(np.int64), n_items)
+        ),
+        meta=meta,
+    )
+
+
+def load_pairs(run: RunDir, splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(user_idx, item_idx) int64 arrays of the events in ``splits``, in file order."""
+    df = (
+        scan_parquet(run.path(EVENTS), EVENT_COLUMNS)
+        .filter(pl.col("split").is_in(splits))
+        .select("user_idx", "item_idx")
+        .collect()
+    )
+    return (
+        df["user_idx"].to_numpy().astype(np.int64),
+        df["item_idx"].to_numpy().astype(np.int64),
+    )
+
+
+def iterate_batches(
+    n_rows: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
+) -> Iterator[torch.Tensor]:
+    """Shuffled row indices of one epoch, ``batch_size`` at a time (seeded by ``generator``)."""
+    perm = torch.randperm(n_rows, generator=generator)  # (n_rows,)
+    stop = n_rows - n_rows % batch_size if drop_last and n_rows >= batch_size else n_rows
+    for start in range(0, stop, batch_size):
+        yield perm[start : start + batch_size]
