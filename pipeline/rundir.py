@@ -176,7 +176,8 @@ class RunDir:
         return json.loads(p.read_text()) if p.is_file() else {"stages": {}}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json(manifest, self.path(MANIFEST))
+        # insertion order kept: stages appear in the order they ran
+        write_text(json.dumps(manifest, indent=2, default=str), self.path(MANIFEST))
 
     def record(self, rec: StageRecord) -> None:
         """Add a finished stage's record to the manifest."""

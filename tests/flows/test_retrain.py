@@ -1,0 +1,90 @@
+"""End to end: the Prefect flow and the CLI, with MLflow parent and nested runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline.rundir import EVAL_SUMMARY, EXPORT_DIR, RunDir
+from pipeline.runner import STAGES
+from pipeline.tracking import search_runs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
+    from flows.retrain import retrain
+
+    work = tmp_path_factory.mktemp("work")
+    run_dir = retrain(config=str(CONFIGS / "tiny.yaml"), overrides=["train.epochs=2"], workdir=str(work))
+    return work, RunDir(run_dir)
+
+
+def test_flow_runs_every_stage_and_tracks_them(flow_run) -> None:
+    work, run = flow_run
+    assert run.root.parent == work
+    assert list(run.manifest()["stages"]) == list(STAGES)
+    assert (work / "mlflow.db").is_file()
+    runs = search_runs(f"sqlite:///{work / 'mlflow.db'}", "twotower")
+    parents = [r for r in runs if r["parent_id"] is None]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent["status"] == "FINISHED"
+    assert parent["params"]["train.epochs"] == "2"
+    assert parent["metrics"]["evaluate.index/recall_at_20"] > 0
+    nested = {r["name"]: r for r in runs if r["parent_id"] == parent["run_id"]}
+    assert set(nested) == set(STAGES)
+    train = nested["train"]
+    assert "valid_recall_at_20" in train["metrics"] and "loss" in train["metrics"]
+    assert train["params"]["train.epochs"] == "2"
+    summary = json.loads(run.path(EVAL_SUMMARY).read_text())
+    assert nested["evaluate"]["metrics"]["index/recall_at_20"] == pytest.approx(
+        summary["index"]["recall@20"]
+    )
+    # the per-epoch curve is a metric history, one point per epoch
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    curve = client.get_metric_history(train["run_id"], "valid_recall_at_20")
+    assert sorted(m.step for m in curve) == [0, 1]
+    # manifest, report and bundle are artifacts
+    parent_files = {a.path for a in client.list_artifacts(parent["run_id"])}
+    assert {"manifest.json", "report.md"} <= parent_files
+    export_files = {a.path for a in client.list_artifacts(nested["export"]["run_id"], "export")}
+    bundle = next(iter(export_files))
+    inner = {Path(a.path).name for a in client.list_artifacts(nested["export"]["run_id"], bundle)}
+    assert {"manifest.json", "index.faiss", "user_tower.pt2"} <= inner
+    assert any((run.path(EXPORT_DIR)).iterdir())
+
+
+def test_cli_run_prints_run_dir_last_and_stage_commands_rerun(prefect_harness, tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["run", "--config", str(CONFIGS / "tiny.yaml"), "--set", "train.epochs=1", "--workdir", str(tmp_path)],
+    )
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    run = RunDir(last)
+    assert run.root.parent == tmp_path and run.path(EVAL_SUMMARY).is_file()
+    assert "report:" in res.output and "MLflow:" in res.output
+    before = run.stage_record("evaluate")["finished_at"]
+    res = runner.invoke(app, ["evaluate", "--run", str(run.root)])
+    assert res.exit_code == 0, res.output
+    assert run.stage_record("evaluate")["finished_at"] > before
+    res = runner.invoke(app, ["evaluate", "--run", str(run.root), "--set", "features.history_len=3"])
+    assert res.exit_code == 2 and "features.history_len" in res.output
+
+
+def test_cli_rejects_config_typo_before_running(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian:\n  epochs: 1\n")
+    res = CliRunner().invoke(app, ["run", "--config", str(bad), "--workdir", str(tmp_path / "w")])
+    assert res.exit_code == 2
+    assert "unknown key 'trian'" in res.output
+    assert not (tmp_path / "w").exists()

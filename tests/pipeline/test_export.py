@@ -1,0 +1,93 @@
+"""The serving bundle: complete, checksummed, and answering exactly like offline evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.evaluate import user_sets
+from pipeline.export import export_stage, sha256
+from pipeline.index import load_index, read_vectors
+from pipeline.metrics import topk_index
+from pipeline.rundir import EXPORT_DIR, INDEX, USER_EMBEDDINGS, USER_VOCAB, ArtifactError
+from pipeline.serving import BundleError, Retriever
+
+
+def _bundle(run) -> Path:
+    return run.path(EXPORT_DIR) / "v1"
+
+
+def test_manifest_lists_every_file_with_its_sha256(tiny_run) -> None:
+    _, run = tiny_run
+    bundle = _bundle(run)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    for rel, digest in manifest["files"].items():
+        assert sha256(bundle / rel) == digest
+    assert manifest["metric"] == "ip" and manifest["normalized"] is True
+    assert manifest["dim"] == 16
+    assert manifest["metrics"]["index"]["recall@20"] > 0
+    assert {"torch", "faiss", "polars", "twotower"} <= set(manifest["versions"])
+
+
+def test_retriever_top_k_equals_offline_evaluation(tiny_run) -> None:
+    _, run = tiny_run
+    users, vecs = read_vectors(run.path(USER_EMBEDDINGS), "user_idx")
+    _, exclude = user_sets(run, users)
+    offline = topk_index(load_index(run.path(INDEX)), vecs, exclude, 20)  # (U, 20) item rows
+    vocab = pl.read_parquet(run.path(USER_VOCAB))
+    raw = dict(zip(vocab["user_idx"].to_list(), vocab["user"].to_list(), strict=True))
+    retriever = Retriever(_bundle(run))
+    served = retriever.recommend_ids([raw[int(u)] for u in users], k=20)
+    np.testing.assert_array_equal(served, offline)
+    # the raw-id answer of one user maps the same rows back to raw item ids
+    items = pl.read_parquet(_bundle(run) / "item_ids.parquet")
+    to_raw = dict(zip(items["item_idx"].to_list(), items["item"].to_list(), strict=True))
+    assert retriever.recommend(raw[int(users[0])], k=20) == [to_raw[int(i)] for i in offline[0]]
+
+
+def test_seen_items_are_excluded_unless_asked(tiny_run) -> None:
+    _, run = tiny_run
+    retriever = Retriever(_bundle(run))
+    users = pl.read_parquet(_bundle(run) / "users.parquet")
+    row = users.filter(pl.col("seen").list.len() > 3).row(0, named=True)
+    with_seen = retriever.recommend_ids([row["user"]], k=50, exclude_seen=False)[0]
+    without = retriever.recommend_ids([row["user"]], k=50)[0]
+    assert not set(row["seen"]) & set(without.tolist())
+    assert set(row["seen"]) & set(with_seen.tolist())
+
+
+def test_tampered_or_incomplete_bundle_is_refused(tiny_run, tmp_path: Path) -> None:
+    _, run = tiny_run
+    copy = tmp_path / "bundle"
+    shutil.copytree(_bundle(run), copy)
+    with (copy / "item_ids.parquet").open("ab") as f:
+        f.write(b"x")
+    with pytest.raises(BundleError, match="item_ids.parquet: sha256 does not match"):
+        Retriever(copy)
+    (copy / "item_ids.parquet").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Retriever(copy)
+    with pytest.raises(KeyError, match="unknown user"):
+        Retriever(_bundle(run)).recommend("no-such-user")
+
+
+def test_export_refuses_existing_version_and_missing_inputs(tiny_run, tmp_path: Path) -> None:
+    cfg, run = tiny_run
+    with pytest.raises(ArtifactError, match="already exists"):
+        export_stage(cfg.export, run)
+    copy = tmp_path / "run"
+    shutil.copytree(run.root, copy)
+    (copy / INDEX).unlink()
+    from pipeline.rundir import RunDir
+
+    with pytest.raises(ArtifactError, match="items.faiss: artifact not found"):
+        export_stage(cfg.export.model_copy(update={"version": "v2"}), RunDir(copy))
+    assert not (copy / EXPORT_DIR / "v2").exists()
+    assert [p.name for p in (copy / EXPORT_DIR).iterdir()] == ["v1"]
