@@ -17,7 +17,6 @@ from pipeline.runner import STAGES, TrackingContext, check_run_config, run_stage
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 err = Console(stderr=True)
-out = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[
@@ -51,12 +50,13 @@ def run(
     rd = RunDir(run_dir)
     manifest = rd.manifest()
     ml = manifest.get("mlflow", {})
-    out.print(f"MLflow: {ml.get('tracking_uri', '(off)')} run {ml.get('parent_run_id', '')}")
-    out.print(f"report: {rd.path(EVAL_REPORT)}")
     summary = manifest.get("stages", {}).get("evaluate", {}).get("metrics", {})
     headline = {k: round(v, 4) for k, v in summary.items() if k.endswith("@20")}
     if headline:
-        out.print(f"metrics: {json.dumps(headline)}")
+        print(f"metrics: {json.dumps(headline)}")
+    print(f"mlflow: {ml.get('tracking_uri', '(tracking off)')} run {ml.get('parent_run_id', '')}")
+    print(f"report: {rd.path(EVAL_REPORT)}")
+    print(f"run directory: {rd.root}")
     print(rd.root)
 
 
@@ -99,7 +99,7 @@ def _run_single(stage: str, run_dir: Path, config: Path | None, overrides: list[
     except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     metrics = {k: round(v, 4) for k, v in rec.metrics.items()}
-    out.print(f"{stage}: {rec.seconds:.1f}s rows={rec.rows} metrics={json.dumps(metrics)}")
+    print(f"{stage}: {rec.seconds:.1f}s rows={rec.rows} metrics={json.dumps(metrics)}")
     print(rd.root)
 
 

@@ -213,7 +213,7 @@ def train_stage(
                 break
             model.train()
             e0, total, n = time.time(), 0.0, 0
-            bar.reset(task, total=steps_per_epoch, epoch=epoch)
+            bar.reset(task, total=steps_per_epoch, epoch=epoch, loss=float("nan"))
             for rows in iterate_batches(len(users), cfg.batch_size, gen):
                 u, i = users[rows], items[rows]  # (B,), (B,)
                 ub = ft.user_batch(u, "train")

@@ -72,7 +72,7 @@ def test_cli_run_prints_run_dir_last_and_stage_commands_rerun(prefect_harness, t
     last = res.output.strip().splitlines()[-1]
     run = RunDir(last)
     assert run.root.parent == tmp_path and run.path(EVAL_SUMMARY).is_file()
-    assert "report:" in res.output and "MLflow:" in res.output
+    assert "report:" in res.output and "mlflow: sqlite:///" in res.output
     before = run.stage_record("evaluate")["finished_at"]
     res = runner.invoke(app, ["evaluate", "--run", str(run.root)])
     assert res.exit_code == 0, res.output
