@@ -1,0 +1,404 @@
+"""The two towers: a user tower and an item tower whose output inner product scores a pair.
+
+Each tower embeds a few *parts* and combines them into one ``dim``-sized vector:
+
+- user tower: user id, the mean of the user's recent items (its history), user attributes;
+- item tower: item id, item attributes.
+
+Every part is a ``dim``-sized vector. ``combine="sum"`` adds the parts (then an MLP and a final
+``Linear(dim)`` when ``hidden`` is non-empty); ``combine="concat"`` concatenates them and always
+projects back to ``dim`` through the MLP and a final ``Linear``. With one part, ``combine="sum"``
+and ``hidden=[]`` a tower *is* its embedding table, so an id-only pair of towers is plain matrix
+factorisation. Outputs are L2-normalised when ``normalize`` (inner product = cosine).
+
+Conventions shared with the feature stage: row 0 of the id tables is the OOV row; code 0 of an
+attribute is "missing" (single-valued) or padding (multi-valued); item 0 in a history is padding.
+Everything here is pure torch: this module imports neither the pipeline nor pydantic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+COMBINES = ("sum", "concat")  # accepted values of TowerConfig.combine
+USER_ATTR_PREFIX = "ua_"  # batch key of user attribute <name> is "ua_<name>"
+ITEM_ATTR_PREFIX = "ia_"  # batch key of item attribute <name> is "ia_<name>"
+
+
+@dataclass
+class AttrSpec:
+    """One categorical attribute of a user or an item."""
+
+    name: str  # attribute name, e.g. "gender"; batch key "ua_<name>" (user) / "ia_<name>" (item)
+    cardinality: int  # number of codes INCLUDING code 0 (= missing / padding)
+    multi: bool = False  # multi-valued (list of codes, mean-pooled) vs one code per row
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"AttrSpec.name must be a non-empty string, got {self.name!r}")
+        if int(self.cardinality) < 1:
+            raise ValueError(
+                f"AttrSpec '{self.name}': cardinality must be >= 1 (codes 0..cardinality-1, "
+                f"0 = missing), got {self.cardinality}"
+            )
+        self.cardinality = int(self.cardinality)
+        self.multi = bool(self.multi)
+
+
+@dataclass
+class TowerConfig:
+    """Architecture of both towers; ``dataclasses.asdict`` of it rebuilds it (``from_dict``)."""
+
+    n_users: int  # rows of the user id table, including OOV row 0
+    n_items: int  # rows of the item id table, including OOV row 0
+    dim: int = 64  # output size of both towers (and of every part)
+    user_id: bool = True  # user tower: user id embedding
+    user_history: bool = True  # user tower: masked mean of the history items' embeddings
+    user_attrs: list[AttrSpec] = field(default_factory=list)  # user tower: attribute embeddings
+    item_id: bool = True  # item tower: item id embedding
+    item_attrs: list[AttrSpec] = field(default_factory=list)  # item tower: attribute embeddings
+    share_item_embeddings: bool = True  # history pools the item tower's id table (needs item_id)
+    combine: str = "sum"  # "sum": parts are summed; "concat": concat -> MLP -> Linear(dim)
+    hidden: list[int] = field(default_factory=list)  # MLP hidden sizes (ReLU, dropout); [] = none
+    dropout: float = 0.0  # dropout after each hidden ReLU of the MLP
+    normalize: bool = True  # L2-normalise both towers' outputs
+    init_std: float = 0.1  # std of the normal init of every embedding table (as LightGCN)
+
+    def __post_init__(self) -> None:
+        # accept the plain dicts that dataclasses.asdict produced (checkpoint round trip)
+        self.user_attrs = [_as_spec(a) for a in self.user_attrs]
+        self.item_attrs = [_as_spec(a) for a in self.item_attrs]
+        self.hidden = [int(h) for h in self.hidden]
+        if self.dim < 1:
+            raise ValueError(f"TowerConfig.dim must be >= 1, got {self.dim}")
+        if self.n_users < 1 or self.n_items < 1:
+            raise ValueError(
+                f"TowerConfig.n_users and n_items must be >= 1 (row 0 is the OOV row), "
+                f"got n_users={self.n_users}, n_items={self.n_items}"
+            )
+        if self.combine not in COMBINES:
+            raise ValueError(f"TowerConfig.combine must be one of {COMBINES}, got {self.combine!r}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"TowerConfig.hidden sizes must be >= 1, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TowerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std <= 0:
+            raise ValueError(f"TowerConfig.init_std must be > 0, got {self.init_std}")
+        for side, specs in (("user_attrs", self.user_attrs), ("item_attrs", self.item_attrs)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"TowerConfig.{side} has duplicate names: {names}")
+        if not (self.user_id or self.user_history or self.user_attrs):
+            raise ValueError(
+                "the user tower has no input: set user_id=True or user_history=True, or give "
+                "user_attrs (pipeline config: model.user_id, model.user_history or "
+                "model.user_attributes with user attributes in the data)"
+            )
+        if not (self.item_id or self.item_attrs):
+            raise ValueError(
+                "the item tower has no input: set item_id=True or give item_attrs "
+                "(pipeline config: model.item_id, or model.item_attributes with item attributes "
+                "in the data)"
+            )
+
+    @property
+    def shares_item_table(self) -> bool:
+        """Whether the history really pools the item tower's id table (needs item_id)."""
+        return self.user_history and self.share_item_embeddings and self.item_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (``dataclasses.asdict``); ``TowerConfig.from_dict`` rebuilds it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
+        """Rebuild from ``asdict`` output; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TowerConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+def _as_spec(a: AttrSpec | dict[str, Any]) -> AttrSpec:
+    if isinstance(a, AttrSpec):
+        return a
+    if isinstance(a, dict):
+        return AttrSpec(**a)
+    raise TypeError(f"an attribute spec must be an AttrSpec or a dict, got {type(a).__name__}")
+
+
+def _embedding(rows: int, dim: int, std: float, padding_idx: int | None = None) -> nn.Embedding:
+    """A table initialised N(0, std^2) with row 0 zeroed.
+
+    std=0.1 is LightGCN's / common MF practice: rows start with norm ~0.1*sqrt(dim), small
+    enough that summed parts do not swamp each other, and the output L2 normalisation removes
+    the scale anyway. Row 0 (OOV id, missing attribute code) starts at zero so an unseen id
+    contributes nothing until it is trained; with ``padding_idx=0`` it stays zero.
+    """
+    emb = nn.Embedding(rows, dim, padding_idx=padding_idx)
+    with torch.no_grad():
+        emb.weight.normal_(0.0, std)
+        emb.weight[0].zero_()
+    return emb
+
+
+def masked_mean_embedding(weight: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+    """Mean of ``weight[idx[b, l]]`` over the positions where ``keep[b, l]``; zero if none.
+
+    weight (N, D), idx (B, L) int, keep (B, L) bool -> (B, D). One ``embedding_bag`` call: no
+    (B, L, D) intermediate and a cheap backward.
+    """
+    if idx.shape[1] == 0:  # no positions at all (e.g. history_len=0)
+        return weight.new_zeros(idx.shape[0], weight.shape[1])  # (B, D)
+    b, length = idx.shape
+    w = keep.to(weight.dtype)  # (B, L)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, L) each kept position: 1/count
+    # flat input + explicit offsets, not the 2-D form: torch.export of the 2-D form guards
+    # on B >= 2, which breaks batch-1 serving
+    offsets = torch.arange(b, device=idx.device) * length  # (B,) start of each row's bag
+    return F.embedding_bag(
+        idx.reshape(-1), weight, offsets, mode="sum", per_sample_weights=w.reshape(-1)
+    )  # (B, D)
+
+
+class _AttrEmbeddings(nn.Module):
+    """One table per attribute; single-valued: the code's row, multi-valued: masked mean."""
+
+    def __init__(self, specs: list[AttrSpec], dim: int, std: float, prefix: str) -> None:
+        super().__init__()
+        self.specs = list(specs)
+        self.prefix = prefix  # only for error messages: the batch key prefix
+        # a ModuleList (not a ModuleDict keyed by name): names like "type" would clash with
+        # nn.Module attributes. Code 0 is padding_idx: "missing" / padding contributes zero.
+        self.tables = nn.ModuleList(
+            _embedding(s.cardinality, dim, std, padding_idx=0) for s in self.specs
+        )
+
+    def forward(self, attrs: dict[str, Tensor]) -> list[Tensor]:
+        parts = []
+        for spec, table in zip(self.specs, self.tables, strict=True):
+            if spec.name not in attrs:
+                raise KeyError(
+                    f"attribute '{spec.name}' missing from the inputs (batch key "
+                    f"'{self.prefix}{spec.name}'); got {sorted(attrs)}"
+                )
+            codes = attrs[spec.name]
+            if spec.multi:
+                if codes.dim() != 2:
+                    raise ValueError(
+                        f"multi-valued attribute '{spec.name}' needs (B, M) codes padded with 0, "
+                        f"got shape {tuple(codes.shape)}"
+                    )
+                parts.append(masked_mean_embedding(table.weight, codes, codes != 0))  # (B, D)
+            else:
+                if codes.dim() != 1:
+                    raise ValueError(
+                        f"attribute '{spec.name}' needs one code per row (B,), got shape "
+                        f"{tuple(codes.shape)}; set multi=True for a list of codes"
+                    )
+                parts.append(table(codes))  # (B, D)
+        return parts
+
+
+class _Combine(nn.Module):
+    """Parts -> one vector: sum or concat, then the MLP (Linear, ReLU, Dropout)* + Linear(dim)."""
+
+    def __init__(self, n_parts: int, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.concat = cfg.combine == "concat"
+        width = cfg.dim * n_parts if self.concat else cfg.dim
+        layers: list[nn.Module] = []
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+            width = h
+        if self.concat or cfg.hidden:
+            layers.append(nn.Linear(width, cfg.dim))
+        self.mlp = nn.Sequential(*layers)  # empty: identity (sum of parts as is)
+
+    def forward(self, parts: list[Tensor]) -> Tensor:
+        if self.concat:
+            x = torch.cat(parts, dim=-1)  # (B, n_parts * D)
+        else:
+            x = parts[0]
+            for p in parts[1:]:
+                x = x + p  # (B, D)
+        return self.mlp(x)  # (B, D)
+
+
+class UserTower(nn.Module):
+    """User id + mean of the history items + user attributes -> (B, dim).
+
+    ``item_table``: the item tower's id table to pool the history from (``TwoTower`` passes it
+    when ``cfg.share_item_embeddings`` and ``cfg.item_id``); when None and the history is on,
+    the user tower owns its own (n_items, dim) history table.
+    """
+
+    def __init__(self, cfg: TowerConfig, item_table: nn.Embedding | None = None) -> None:
+        super().__init__()
+        self.dim = cfg.dim
+        self.normalize = cfg.normalize
+        self.attr_names = [s.name for s in cfg.user_attrs]
+        self.id_emb = _embedding(cfg.n_users, cfg.dim, cfg.init_std) if cfg.user_id else None
+        self.history_emb: nn.Embedding | None = None
+        if cfg.user_history:
+            if item_table is None:
+                item_table = _embedding(cfg.n_items, cfg.dim, cfg.init_std)
+            elif tuple(item_table.weight.shape) != (cfg.n_items, cfg.dim):
+                raise ValueError(
+                    f"item_table has shape {tuple(item_table.weight.shape)}, expected "
+                    f"(n_items, dim) = ({cfg.n_items}, {cfg.dim})"
+                )
+            self.history_emb = item_table
+        self.attrs = _AttrEmbeddings(cfg.user_attrs, cfg.dim, cfg.init_std, USER_ATTR_PREFIX)
+        n_parts = int(cfg.user_id) + int(cfg.user_history) + len(cfg.user_attrs)
+        self.combine = _Combine(n_parts, cfg)
+
+    def forward(
+        self,
+        user_idx: Tensor | None,
+        history: Tensor | None = None,
+        attrs: dict[str, Tensor] | None = None,
+        exclude: Tensor | None = None,
+    ) -> Tensor:
+        """Encode users.
+
+        user_idx (B,) int64; history (B, H) int64 item ids, 0 = padding; attrs name -> (B,)
+        codes (single-valued) or (B, M) codes padded with 0 (multi-valued); exclude (B,) int64:
+        an item left out of row b's history mean (training passes the row's positive, so the
+        tower cannot copy its target from the history). A row whose history is empty after
+        masking gets a zero history vector. Returns (B, dim).
+        """
+        parts: list[Tensor] = []
+        if self.id_emb is not None:
+            if user_idx is None:
+                raise ValueError("the user tower has user_id=True but user_idx is None")
+            parts.append(self.id_emb(user_idx))  # (B, D)
+        if self.history_emb is not None:
+            if history is None:
+                raise ValueError("the user tower has user_history=True but history is None")
+            keep = history != 0  # (B, H) padding out
+            if exclude is not None:
+                keep = keep & (history != exclude.unsqueeze(1))  # (B, H) the positive out
+            parts.append(masked_mean_embedding(self.history_emb.weight, history, keep))  # (B, D)
+        if self.attr_names:
+            parts.extend(self.attrs(attrs or {}))  # each (B, D)
+        x = self.combine(parts)  # (B, D)
+        return F.normalize(x, dim=-1) if self.normalize else x  # (B, D)
+
+
+class ItemTower(nn.Module):
+    """Item id + item attributes -> (B, dim)."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.dim = cfg.dim
+        self.normalize = cfg.normalize
+        self.attr_names = [s.name for s in cfg.item_attrs]
+        self.id_emb = _embedding(cfg.n_items, cfg.dim, cfg.init_std) if cfg.item_id else None
+        self.attrs = _AttrEmbeddings(cfg.item_attrs, cfg.dim, cfg.init_std, ITEM_ATTR_PREFIX)
+        self.combine = _Combine(int(cfg.item_id) + len(cfg.item_attrs), cfg)
+
+    def forward(self, item_idx: Tensor | None, attrs: dict[str, Tensor] | None = None) -> Tensor:
+        """item_idx (B,) int64; attrs as for UserTower. Returns (B, dim)."""
+        parts: list[Tensor] = []
+        if self.id_emb is not None:
+            if item_idx is None:
+                raise ValueError("the item tower has item_id=True but item_idx is None")
+            parts.append(self.id_emb(item_idx))  # (B, D)
+        if self.attr_names:
+            parts.extend(self.attrs(attrs or {}))  # each (B, D)
+        x = self.combine(parts)  # (B, D)
+        return F.normalize(x, dim=-1) if self.normalize else x  # (B, D)
+
+
+class UserTowerExport(nn.Module):
+    """The user tower with plain positional tensors, for ``torch.export`` / serving.
+
+    ``forward(user_idx, history, *attrs)``: user_idx (B,), history (B, H) (ignored when the
+    tower has no history; pass zeros (B, 1) then), then one tensor per user attribute in
+    ``attr_names`` order (the order of ``TowerConfig.user_attrs``). No ``exclude``: serving
+    never hides an item from the history. ``UserTower.forward`` with its dict of attributes
+    exports as well; this wrapper is for callers that want a flat signature. Export it with
+    ``torch.export.export(w, (user_idx, history, *attrs), dynamic_shapes=w.dynamic_shapes())``;
+    the example batch must have at least 2 rows (export specialises sizes 0 and 1), the
+    exported program then accepts any batch >= 1.
+    """
+
+    def __init__(self, tower: UserTower) -> None:
+        super().__init__()
+        self.tower = tower
+        self.attr_names = list(tower.attr_names)
+
+    def dynamic_shapes(self) -> tuple[Any, ...]:
+        """``dynamic_shapes`` for ``torch.export.export(self, args, dynamic_shapes=...)``.
+
+        The batch is dynamic (>= 1, shared by every input), so are the history length (>= 1;
+        also when the tower ignores the history) and the length of each multi-valued attribute.
+        """
+        from torch.export import Dim
+
+        batch = Dim("batch", min=1)
+        history = {0: batch, 1: Dim("history", min=1)}
+        attrs = tuple(
+            {0: batch, 1: Dim(f"attr{k}_len", min=1)} if spec.multi else {0: batch}
+            for k, spec in enumerate(self.tower.attrs.specs)
+        )
+        return ({0: batch}, history, attrs) if attrs else ({0: batch}, history)
+
+    def forward(self, user_idx: Tensor, history: Tensor, *attrs: Tensor) -> Tensor:
+        if len(attrs) != len(self.attr_names):
+            raise ValueError(f"expected {len(self.attr_names)} attributes {self.attr_names}")
+        return self.tower(user_idx, history, dict(zip(self.attr_names, attrs, strict=True)))
+
+
+class TwoTower(nn.Module):
+    """Both towers; ``encode_users`` / ``encode_items`` read the batch dicts of the data stage.
+
+    User batch keys: "user_idx" (B,), "history" (B, H), optional "exclude" (B,), "ua_<name>".
+    Item batch keys: "item_idx" (B,), "ia_<name>". Extra keys are ignored.
+    """
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.item_tower = ItemTower(cfg)
+        shared = self.item_tower.id_emb if cfg.shares_item_table else None
+        self.user_tower = UserTower(cfg, item_table=shared)
+
+    @classmethod
+    def from_config(cls, cfg: TowerConfig | dict[str, Any]) -> TwoTower:
+        """Build from a TowerConfig or its ``asdict`` dict (as a checkpoint stores it)."""
+        return cls(cfg if isinstance(cfg, TowerConfig) else TowerConfig.from_dict(cfg))
+
+    def encode_users(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, dim) user vectors from a user batch dict."""
+        attrs = _attrs_from_batch(batch, self.user_tower.attr_names, USER_ATTR_PREFIX)
+        return self.user_tower(
+            batch.get("user_idx"), batch.get("history"), attrs, batch.get("exclude")
+        )
+
+    def encode_items(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, dim) item vectors from an item batch dict."""
+        attrs = _attrs_from_batch(batch, self.item_tower.attr_names, ITEM_ATTR_PREFIX)
+        return self.item_tower(batch.get("item_idx"), attrs)
+
+    def forward(
+        self, user_batch: dict[str, Tensor], item_batch: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(user vectors (B, dim), item vectors (B, dim)); one call, as DDP wants."""
+        return self.encode_users(user_batch), self.encode_items(item_batch)
+
+
+def _attrs_from_batch(batch: dict[str, Tensor], names: list[str], prefix: str) -> dict:
+    missing = [prefix + n for n in names if prefix + n not in batch]
+    if missing:
+        raise KeyError(f"batch lacks attribute keys {missing}; it has {sorted(batch)}")
+    return {n: batch[prefix + n] for n in names}
