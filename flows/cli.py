@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import flows.env  # noqa: F401  (telemetry off, Prefect start-up timeout, before any import)
-
 import json
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.config import Config, ConfigError, load_config
+import flows.env  # noqa: F401  (telemetry off, Prefect start-up timeout, before any import)
+from pipeline.config import Config, ConfigError, load_config, resolve_config
 from pipeline.rundir import EVAL_REPORT, ArtifactError, RunDir
 from pipeline.runner import STAGES, TrackingContext, check_run_config, run_stage
 
@@ -61,27 +60,11 @@ def run(
 
 
 def _stage_config(run: RunDir, config: Path | None, overrides: list[str]) -> Config:
-    """The run's own config (from its manifest) with overrides, or a given file checked against it."""
+    """A given config file, else the run's own config (from its manifest), with overrides."""
     manifest = run.manifest()
-    if config is not None:
+    if config is not None or "config" not in manifest:
         return load_config(config, overrides)
-    if "config" not in manifest:
-        if not run.root.exists():
-            raise ArtifactError(f"{run.root}: run directory does not exist")
-        return load_config(None, overrides)
-    base = Config.model_validate(manifest["config"])
-    if not overrides:
-        return base
-    import tempfile
-
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(base.model_dump(mode="json"), f)
-    try:
-        return load_config(f.name, overrides)
-    finally:
-        Path(f.name).unlink()
+    return resolve_config(manifest["config"], overrides, str(run.path("manifest.json")))
 
 
 def _run_single(stage: str, run_dir: Path, config: Path | None, overrides: list[str]) -> None:

@@ -7,17 +7,23 @@ Runs with no server (Prefect's ephemeral local mode) or against a Prefect server
 
 from __future__ import annotations
 
-import flows.env  # noqa: F401  (sets telemetry/timeouts before prefect is imported)
-
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+import flows.env  # noqa: F401  (sets telemetry/timeouts before prefect is imported)
 from pipeline.config import Config, load_config
 from pipeline.rundir import EVAL_REPORT, RunDir, StageRecord
-from pipeline.runner import STAGES, TrackingContext, finish_tracking, init_run, new_run_dir, run_stage
+from pipeline.runner import (
+    STAGES,
+    TrackingContext,
+    finish_tracking,
+    init_run,
+    new_run_dir,
+    run_stage,
+)
 from pipeline.tracking import Tracker
 
 # retries for stages whose failures are mostly I/O (files, object stores)
@@ -46,7 +52,11 @@ def retrain(
     parent = tracker.start(f"{cfg.name}/{run.root.name}", tags={"run_dir": str(run.root.resolve())})
     tracker.log_params(parent, cfg.model_dump(mode="json"))
     m = run.manifest()
-    m["mlflow"] = {"tracking_uri": tracker.uri, "parent_run_id": parent, "experiment_id": tracker.experiment_id}
+    m["mlflow"] = {
+        "tracking_uri": tracker.uri,
+        "parent_run_id": parent,
+        "experiment_id": tracker.experiment_id,
+    }
     run.write_manifest(m)
     ctx = TrackingContext(tracker, parent)
     ok = False

@@ -255,6 +255,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             Config.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(_format_errors(exc, source)) from None
+    return resolve_config(raw, overrides or [], source)
+
+
+def resolve_config(raw: dict[str, Any], overrides: list[str], source: str) -> Config:
+    """Validate a raw config mapping after applying dotted overrides; errors name ``source``."""
     if overrides:
         raw = apply_overrides(raw, overrides)
         source = f"{source} with --set {' '.join(overrides)}"

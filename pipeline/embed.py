@@ -53,8 +53,12 @@ def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
     write_parquet(vectors_table("user_idx", users, user_vecs), run.path(USER_EMBEDDINGS))
     normalized = bool(ckpt["tower_config"]["normalize"])
     write_json(
-        {"dim": int(item_vecs.shape[1]), "normalized": normalized, "metric": "ip",
-         "best_epoch": ckpt.get("epoch")},
+        {
+            "dim": int(item_vecs.shape[1]),
+            "normalized": normalized,
+            "metric": "ip",
+            "best_epoch": ckpt.get("epoch"),
+        },
         run.path(EMBED_META),
     )
     return StageRecord(

@@ -30,7 +30,6 @@ from typing import Any
 import faiss
 import polars as pl
 import torch
-from torch import nn
 
 from pipeline.config import ExportConfig
 from pipeline.data import load_feature_tensors
@@ -103,11 +102,15 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
     t0 = time.time()
     for rel in (INDEX, INDEX_META, EMBED_META, BEST_CHECKPOINT, USER_VOCAB, ITEM_VOCAB):
         if not run.path(rel).is_file():
-            raise ArtifactError(f"{run.path(rel)}: artifact not found (has the stage that writes it run?)")
+            raise ArtifactError(
+                f"{run.path(rel)}: artifact not found (has the stage that writes it run?)"
+            )
     version = cfg.version or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     final = run.path(EXPORT_DIR) / version
     if final.exists():
-        raise ArtifactError(f"{final}: bundle version '{version}' already exists; pick another export.version")
+        raise ArtifactError(
+            f"{final}: bundle version '{version}' already exists; pick another export.version"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=final.parent))
     try:
@@ -126,7 +129,10 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
             "index": {k: index_meta[k] for k in ("factory", "metric", "dim", "ntotal")},
             "metrics": {k: summary.get(k, {}) for k in ("index", "exact", "popularity")},
             "user_tower": {"file": TOWER_FILE, "format": "torch.export"},
-            "run": {"config": run.manifest().get("config", {}), "code_version": run.manifest().get("code_version")},
+            "run": {
+                "config": run.manifest().get("config", {}),
+                "code_version": run.manifest().get("code_version"),
+            },
             "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

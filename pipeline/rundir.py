@@ -114,12 +114,17 @@ _KINDS: dict[str, Callable[[pa.DataType], bool]] = {
     "int": pa.types.is_integer,
     "float": lambda t: pa.types.is_floating(t),
     "str": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-    "list[int]": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t))
-    and pa.types.is_integer(t.value_type),
-    "list[str]": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t))
-    and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)),
-    "list[float]": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
-    and pa.types.is_floating(t.value_type),
+    "list[int]": lambda t: (
+        (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+    ),
+    "list[str]": lambda t: (
+        (pa.types.is_list(t) or pa.types.is_large_list(t))
+        and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type))
+    ),
+    "list[float]": lambda t: (
+        (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+        and pa.types.is_floating(t.value_type)
+    ),
 }
 
 

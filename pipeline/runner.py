@@ -188,7 +188,9 @@ def run_stage(
     run_id = ""
     if tracker is not None:
         run_id = tracker.start(stage, parent_id=tracking.parent_id or None, tags={"stage": stage})
-        tracker.log_params(run_id, {s: getattr(cfg, s).model_dump(mode="json") for s in STAGES[stage]})
+        tracker.log_params(
+            run_id, {s: getattr(cfg, s).model_dump(mode="json") for s in STAGES[stage]}
+        )
         if stage == "train":
             kwargs.setdefault(
                 "on_epoch", lambda epoch, m: tracker.log_metrics(run_id, m, step=epoch)
@@ -205,7 +207,9 @@ def run_stage(
     rec.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     run.record(rec)
     if tracker is not None:
-        tracker.log_metrics(run_id, {**rec.metrics, "seconds": rec.seconds, "peak_rss_mb": rec.peak_rss_mb})
+        tracker.log_metrics(
+            run_id, {**rec.metrics, "seconds": rec.seconds, "peak_rss_mb": rec.peak_rss_mb}
+        )
         tracker.log_metrics(run_id, {f"rows_{k}": v for k, v in rec.rows.items()})
         files = [run.path(p) for p in _ARTIFACTS.get(stage, ())]
         if stage == "export":

@@ -48,8 +48,10 @@ class Retriever:
 
     def __init__(self, bundle: str | Path, verify: bool = True) -> None:
         self.bundle = Path(bundle)
-        self.manifest = verify_bundle(self.bundle) if verify else json.loads(
-            (self.bundle / "manifest.json").read_text()
+        self.manifest = (
+            verify_bundle(self.bundle)
+            if verify
+            else json.loads((self.bundle / "manifest.json").read_text())
         )
         self.index = faiss.read_index(str(self.bundle / "index.faiss"))
         if self.index.d != self.manifest["dim"]:
@@ -66,7 +68,9 @@ class Retriever:
         self.history = torch.from_numpy(padded(users["history"], max(meta["history_len"], 1)))
         self.attrs = {
             n: torch.from_numpy(
-                padded(users[n]) if self.attr_kinds[n] == "multi" else users[n].fill_null(0).to_numpy().astype(np.int64)
+                padded(users[n])
+                if self.attr_kinds[n] == "multi"
+                else users[n].fill_null(0).to_numpy().astype(np.int64)
             )
             for n in self.attr_names
         }
@@ -77,14 +81,20 @@ class Retriever:
     def _rows(self, users: list[str]) -> np.ndarray:
         missing = [u for u in users if u not in self.user_row]
         if missing:
-            raise KeyError(f"unknown user id(s) {missing[:5]} (not in {self.bundle / 'users.parquet'})")
+            raise KeyError(
+                f"unknown user id(s) {missing[:5]} (not in {self.bundle / 'users.parquet'})"
+            )
         return np.array([self.user_row[u] for u in users], dtype=np.int64)
 
     @torch.no_grad()
     def user_vectors(self, users: list[str]) -> np.ndarray:
         """(U, dim) float32 vectors from the exported user tower."""
         rows = torch.from_numpy(self._rows(users))
-        args = [self.user_idx[rows], self.history[rows], *[self.attrs[n][rows] for n in self.attr_names]]
+        args = [
+            self.user_idx[rows],
+            self.history[rows],
+            *[self.attrs[n][rows] for n in self.attr_names],
+        ]
         return self.tower(*args).numpy().astype(np.float32)
 
     def recommend_ids(self, users: list[str], k: int = 10, exclude_seen: bool = True) -> np.ndarray:

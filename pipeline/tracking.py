@@ -71,7 +71,9 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
 
-    def start(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    def start(
+        self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> str:
         """Open a run (nested under ``parent_id`` if given); returns its id ('' when disabled)."""
         if self.client is None:
             return ""
@@ -106,7 +108,9 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
 
-    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+    def log_artifacts(
+        self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None
+    ) -> None:
         """Upload files or directories (directories keep their name under ``artifact_path``)."""
         if self.client is None or not run_id:
             return
@@ -125,7 +129,11 @@ class Tracker:
 
     def run_url(self, run_id: str) -> str:
         """Where to find a run: the URI and the run id (a UI serves it from the same store)."""
-        return f"{self.uri} (experiment {self.experiment_id}, run {run_id})" if run_id else "(tracking off)"
+        return (
+            f"{self.uri} (experiment {self.experiment_id}, run {run_id})"
+            if run_id
+            else "(tracking off)"
+        )
 
 
 def _metric_key(name: str) -> str:

@@ -100,7 +100,10 @@ def encode_items(model: TwoTower, ft: FeatureTensors, batch_size: int = 8192) ->
     """Vectors of item rows 1..n_items-1 (row 0 is the OOV row, never retrieved)."""
     model.eval()
     ids = torch.arange(1, ft.n_items)
-    out = [model.encode_items(ft.item_batch(ids[s : s + batch_size])) for s in range(0, len(ids), batch_size)]
+    out = [
+        model.encode_items(ft.item_batch(ids[s : s + batch_size]))
+        for s in range(0, len(ids), batch_size)
+    ]
     return torch.cat(out)  # (n_items - 1, dim)
 
 
@@ -176,7 +179,9 @@ def train_stage(
     loss_fn = SampledSoftmaxLoss(temperature=spec.loss.temperature)
     params = list(model.parameters()) + list(loss_fn.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log_q = log_q_from_counts(ft.pop_train.double()).float() if spec.loss.logq else None  # (n_items,)
+    log_q = (
+        log_q_from_counts(ft.pop_train.double()).float() if spec.loss.logq else None
+    )  # (n_items,)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
@@ -276,7 +281,13 @@ def train_stage(
     metrics = {"best_epoch": float(best_epoch), "epochs_run": float(len(history))}
     if history:
         best_row = history[best_epoch] if best_epoch >= 0 else history[-1]
-        metrics.update({f"best_{k}": v for k, v in best_row.items() if k.startswith("valid_r") or k.startswith("valid_n")})
+        metrics.update(
+            {
+                f"best_{k}": v
+                for k, v in best_row.items()
+                if k.startswith("valid_r") or k.startswith("valid_n")
+            }
+        )
         metrics["final_loss"] = history[-1]["loss"]
     return StageRecord(
         stage="train",

@@ -21,7 +21,9 @@ def flow_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
     from flows.retrain import retrain
 
     work = tmp_path_factory.mktemp("work")
-    run_dir = retrain(config=str(CONFIGS / "tiny.yaml"), overrides=["train.epochs=2"], workdir=str(work))
+    run_dir = retrain(
+        config=str(CONFIGS / "tiny.yaml"), overrides=["train.epochs=2"], workdir=str(work)
+    )
     return work, RunDir(run_dir)
 
 
@@ -62,11 +64,21 @@ def test_flow_runs_every_stage_and_tracks_them(flow_run) -> None:
     assert any((run.path(EXPORT_DIR)).iterdir())
 
 
-def test_cli_run_prints_run_dir_last_and_stage_commands_rerun(prefect_harness, tmp_path: Path) -> None:
+def test_cli_run_prints_run_dir_last_and_stage_commands_rerun(
+    prefect_harness, tmp_path: Path
+) -> None:
     runner = CliRunner()
     res = runner.invoke(
         app,
-        ["run", "--config", str(CONFIGS / "tiny.yaml"), "--set", "train.epochs=1", "--workdir", str(tmp_path)],
+        [
+            "run",
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            "train.epochs=1",
+            "--workdir",
+            str(tmp_path),
+        ],
     )
     assert res.exit_code == 0, res.output
     last = res.output.strip().splitlines()[-1]
@@ -77,7 +89,9 @@ def test_cli_run_prints_run_dir_last_and_stage_commands_rerun(prefect_harness, t
     res = runner.invoke(app, ["evaluate", "--run", str(run.root)])
     assert res.exit_code == 0, res.output
     assert run.stage_record("evaluate")["finished_at"] > before
-    res = runner.invoke(app, ["evaluate", "--run", str(run.root), "--set", "features.history_len=3"])
+    res = runner.invoke(
+        app, ["evaluate", "--run", str(run.root), "--set", "features.history_len=3"]
+    )
     assert res.exit_code == 2 and "features.history_len" in res.output
 
 

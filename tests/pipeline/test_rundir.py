@@ -7,7 +7,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.rundir import ArtifactError, RunDir, StageRecord, read_parquet, write_parquet, write_with
+from pipeline.rundir import (
+    ArtifactError,
+    RunDir,
+    StageRecord,
+    read_parquet,
+    write_parquet,
+    write_with,
+)
 
 
 def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
@@ -29,7 +36,9 @@ def test_read_parquet_names_file_and_column(tmp_path: Path) -> None:
     assert read_parquet(p, {"user": "str", "item": "int"}).height == 1
     with pytest.raises(ArtifactError, match=r"t.parquet: missing column 'weight'"):
         read_parquet(p, {"weight": "float"})
-    with pytest.raises(ArtifactError, match=r"t.parquet: column 'item' has type int64, expected str"):
+    with pytest.raises(
+        ArtifactError, match=r"t.parquet: column 'item' has type int64, expected str"
+    ):
         read_parquet(p, {"item": "str"})
     with pytest.raises(ArtifactError, match="artifact not found"):
         read_parquet(tmp_path / "missing.parquet")

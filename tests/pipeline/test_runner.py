@@ -31,7 +31,15 @@ def test_manifest_holds_config_code_version_and_every_stage(tiny_run) -> None:
     m = run.manifest()
     assert m["config"] == cfg.model_dump(mode="json")
     assert m["code_version"]
-    assert list(m["stages"]) == ["ingest", "features", "train", "embed", "index", "evaluate", "export"]
+    assert list(m["stages"]) == [
+        "ingest",
+        "features",
+        "train",
+        "embed",
+        "index",
+        "evaluate",
+        "export",
+    ]
     for rec in m["stages"].values():
         assert rec["seconds"] >= 0 and rec["peak_rss_mb"] > 0
 

@@ -54,7 +54,9 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     cfg, run = _features_run(tmp_path, "train.epochs=3", "train.patience=5")
     train_stage(_spec(cfg), run)
     straight = _state(run.path(CHECKPOINT))
-    short = load_config(CONFIGS / "tiny.yaml", ["tracking.enabled=false", "train.epochs=2", "train.patience=5"])
+    short = load_config(
+        CONFIGS / "tiny.yaml", ["tracking.enabled=false", "train.epochs=2", "train.patience=5"]
+    )
     train_stage(_spec(short), run)
     # resuming needs the same train config: an epochs change is a different config
     with pytest.raises(ValueError, match="different train/model/loss config"):
