@@ -68,10 +68,7 @@ def export_user_tower(tower: UserTower, example: dict[str, torch.Tensor], path: 
     module = UserTowerExport(tower).eval()
     attr_names = module.attr_names
     args = (example["user_idx"], example["history"], *[example[f"ua_{n}"] for n in attr_names])
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    # positional inputs are (user_idx, history, attrs-tuple): the batch dim is dynamic in each
-    shapes = ({0: batch}, {0: batch}, tuple({0: batch} for _ in args[2:]))
-    program = torch.export.export(module, args, dynamic_shapes=shapes)
+    program = torch.export.export(module, args, dynamic_shapes=module.dynamic_shapes())
     torch.export.save(program, path)
     return attr_names
 

@@ -91,3 +91,25 @@ def test_export_refuses_existing_version_and_missing_inputs(tiny_run, tmp_path: 
         export_stage(cfg.export.model_copy(update={"version": "v2"}), RunDir(copy))
     assert not (copy / EXPORT_DIR / "v2").exists()
     assert [p.name for p in (copy / EXPORT_DIR).iterdir()] == ["v1"]
+
+
+def test_bundle_without_user_attributes_serves(tmp_path: Path) -> None:
+    """An id + history user tower (as on Gowalla) exports and answers like offline evaluation."""
+    from pipeline.config import load_config
+    from pipeline.rundir import RunDir
+    from pipeline.runner import run_all
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
+        ["tracking.enabled=false", "export.version=v1", "model.user_attributes=false",
+         "train.epochs=1"],
+    )
+    run = RunDir(tmp_path / "run")
+    run_all(cfg, run)
+    users, vecs = read_vectors(run.path(USER_EMBEDDINGS), "user_idx")
+    _, exclude = user_sets(run, users)
+    offline = topk_index(load_index(run.path(INDEX)), vecs, exclude, 10)
+    vocab = pl.read_parquet(run.path(USER_VOCAB))
+    raw = dict(zip(vocab["user_idx"].to_list(), vocab["user"].to_list(), strict=True))
+    served = Retriever(_bundle(run)).recommend_ids([raw[int(u)] for u in users], k=10)
+    np.testing.assert_array_equal(served, offline)
