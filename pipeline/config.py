@@ -84,25 +84,49 @@ class ModelConfig(_Strict):
     item_id: bool = True  # item id embedding
     item_attributes: bool = True  # item attribute embeddings
     share_item_embeddings: bool = True  # history uses the item tower's id table
-    combine: Literal["sum", "concat"] = "sum"  # sum the parts, or concat them then project
+    combine: Literal["sum", "concat", "gated"] = "sum"  # sum parts; concat+project; SimpleX gate
+    gate: float = Field(0.5, ge=0, le=1)  # gated: weight g of the id embedding (1-g: history)
+    gate_learnable: bool = False  # gated: learn g (a sigmoid of a scalar) instead of fixing it
+    history_transform: bool = True  # gated: a learnable dim x dim map V on the pooled history
     hidden: list[int] = []  # MLP hidden sizes after the concat; [] = one linear layer
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout inside the MLP
     normalize: bool = True  # L2-normalise both towers' outputs (cosine / inner product)
 
 
 class LossConfig(_Strict):
-    """Sampled softmax over in-batch negatives (Yi et al., RecSys 2019)."""
+    """The contrastive loss (see towers.losses for the papers)."""
 
-    name: Literal["softmax"] = "softmax"
-    temperature: float = Field(0.1, gt=0)  # logits are divided by this
-    logq: bool = True  # subtract log sampling probability of each candidate
+    name: Literal["softmax", "triplet", "ccl"] = "softmax"  # InfoNCE, triplet margin, SimpleX CCL
+    temperature: float = Field(0.1, gt=0)  # softmax: logits are divided by this
+    learnable_temperature: bool = False  # softmax: learn the temperature (from `temperature`)
+    logq: bool = True  # softmax: subtract log sampling probability of each candidate
+    logq_source: Literal["counts", "streaming"] = "counts"  # train counts or streaming estimate
+    margin: float = 0.1  # triplet: margin between positive and negative similarity
+    ccl_margin: float = 0.8  # ccl: negatives with cosine below this cost nothing
+    ccl_negative_weight: float | None = None  # ccl: weight of the negative term (None = 1)
 
 
 class NegativesConfig(_Strict):
-    """Where negatives come from."""
+    """Where negatives come from: in-batch, shared sampled (mixed) and mined hard ones."""
 
     in_batch: bool = True  # the other rows' positives are the negatives
     mask_accidental_hits: bool = True  # a row's own positive / same user's rows never negatives
+    mixed: int = Field(0, ge=0)  # shared negatives sampled from the catalogue per batch (0 = off)
+    mixed_alpha: float = Field(0.0, ge=0)  # mixed sampler: popularity^alpha (0 = uniform)
+    hard: int = Field(0, ge=0)  # mined hard negatives per row (0 = off)
+    hard_every: int = Field(1, ge=1)  # re-mine every N epochs
+    hard_start_epoch: int = Field(1, ge=0)  # first epoch that uses mined negatives
+    hard_rank_lo: int = Field(10, ge=0)  # mined window: ranks [lo, hi) among non-positives
+    hard_rank_hi: int = Field(100, ge=1)
+    hard_pool: int | None = None  # candidates kept per user (None = the whole window)
+    hard_margin: float | None = None  # keep only negatives scoring below positive - margin
+    hard_factory: str = "Flat"  # FAISS index used for mining
+
+    @model_validator(mode="after")
+    def _window(self) -> NegativesConfig:
+        if self.hard and self.hard_rank_hi <= self.hard_rank_lo:
+            raise ValueError("negatives.hard_rank_hi must be greater than negatives.hard_rank_lo")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -115,6 +139,7 @@ class TrainConfig(_Strict):
     patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping
     valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
     seed: int = 0  # seed of init and batch order
+    refit: bool = False  # after selection, retrain on train+valid for the best epoch count
     threads: int | None = None  # torch intra-op threads; None = torch's default
     progress: bool = True  # show a progress bar
 
@@ -272,3 +297,7 @@ def resolve_config(raw: dict[str, Any], overrides: list[str], source: str) -> Co
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, every field present."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+if __name__ == "__main__":  # `python -m pipeline.config > configs/default.yaml` (header aside)
+    print(dump_config(Config()), end="")

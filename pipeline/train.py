@@ -1,9 +1,12 @@
-"""The train stage: contrastive training of the two towers on the train split.
+"""The train stage: contrastive training of the two towers.
 
-Sampled softmax over in-batch negatives (with logQ correction and accidental-hit masking,
-see ``towers.losses``), AdamW, seeded batch order, per-epoch validation recall@k on the
-validation split carved out of train, early stopping that keeps the best checkpoint, and a
-per-epoch checkpoint a later call can resume from.
+Two phases. *select*: train on the train split, validate recall@k on the validation split
+carved out of train after every epoch, stop early and keep the best epoch. *refit*
+(``train.refit``): retrain from the same seed on train+valid for the selected number of
+epochs, so the final model sees every pre-test interaction while every choice was still made
+on validation. Negatives and corrections come from ``pipeline.negatives`` (in-batch with
+logQ, shared sampled, mined hard); the loss from ``towers.losses``. Each epoch writes a
+checkpoint a later call can resume from.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from pipeline.config import LossConfig, ModelConfig, NegativesConfig, TrainConfig, section_hash
 from pipeline.data import FeatureTensors, iterate_batches, load_feature_tensors, load_pairs
 from pipeline.metrics import UserItems, recall_ndcg, topk_exact
+from pipeline.negatives import Negatives
 from pipeline.rundir import (
     BEST_CHECKPOINT,
     CHECKPOINT,
@@ -30,7 +34,7 @@ from pipeline.rundir import (
     write_json,
     write_with,
 )
-from towers import AttrSpec, SampledSoftmaxLoss, TowerConfig, TwoTower, log_q_from_counts
+from towers import AttrSpec, TowerConfig, TwoTower, build_loss
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -73,6 +77,9 @@ def tower_config(model: ModelConfig, meta: dict[str, Any]) -> TowerConfig:
         item_attrs=specs(meta.get("item_attrs", {}), model.item_attributes),
         share_item_embeddings=model.share_item_embeddings,
         combine=model.combine,
+        gate=model.gate,
+        gate_learnable=model.gate_learnable,
+        history_transform=model.history_transform,
         hidden=list(model.hidden),
         dropout=model.dropout,
         normalize=model.normalize,
@@ -129,12 +136,11 @@ class _Validation:
     exclude: UserItems
 
 
-def _validation_set(run: RunDir) -> _Validation | None:
+def _validation_set(run: RunDir, tu: np.ndarray, ti: np.ndarray) -> _Validation | None:
     vu, vi = load_pairs(run, ["valid"])
     if len(vu) == 0:
         return None
     users = np.unique(vu)
-    tu, ti = load_pairs(run, ["train"])
     return _Validation(
         users=torch.from_numpy(users),
         truth=UserItems.for_users(users, vu, vi),
@@ -155,6 +161,212 @@ def _save(obj: dict[str, Any], path: Path) -> None:
     write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
+def build_loss_fn(spec: TrainSpec) -> torch.nn.Module:
+    """The configured loss module."""
+    cfg = spec.loss
+    if cfg.name == "softmax":
+        return build_loss(
+            "softmax",
+            temperature=cfg.temperature,
+            learnable_temperature=cfg.learnable_temperature,
+        )
+    if cfg.name == "triplet":
+        return build_loss("triplet", margin=cfg.margin)
+    return build_loss("ccl", margin=cfg.ccl_margin, negative_weight=cfg.ccl_negative_weight)
+
+
+@dataclass
+class _Phase:
+    """What one phase trains on and how long."""
+
+    name: str  # "select" or "refit"
+    users: torch.Tensor  # (n,) int64 user of each training event
+    items: torch.Tensor  # (n,) int64 item of each training event
+    history: str  # which history the user tower sees: "train" or "all"
+    counts: torch.Tensor  # (n_items,) event counts of this phase's data (logQ)
+    epochs: int  # maximum epochs
+    val: _Validation | None  # validation set (select phase only)
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint restores."""
+
+    model: TwoTower
+    loss_fn: torch.nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    negatives: Negatives
+    history: list[dict[str, float]]
+    best: float = -float("inf")
+    best_epoch: int = -1
+    start_epoch: int = 0
+
+
+def _new_state(spec: TrainSpec, tcfg: TowerConfig, phase: _Phase) -> _State:
+    cfg = spec.train
+    torch.manual_seed(cfg.seed)
+    model = TwoTower.from_config(tcfg)
+    loss_fn = build_loss_fn(spec)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    negatives = Negatives(spec.negatives, spec.loss, phase.counts, cfg.batch_size, gen)
+    return _State(model, loss_fn, opt, gen, negatives, history=[])
+
+
+def _checkpoint(st: _State, phase: str, epoch: int, spec_hash: str, tcfg: TowerConfig) -> dict:
+    return {
+        "tower_config": asdict(tcfg),
+        "model": st.model.state_dict(),
+        "spec_hash": spec_hash,
+        "phase": phase,
+        "loss": st.loss_fn.state_dict(),
+        "optimizer": st.opt.state_dict(),
+        "generator": st.gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "estimator": (
+            st.negatives.estimator.state_dict() if st.negatives.estimator is not None else None
+        ),
+        "epoch": epoch,
+        "history": st.history,
+        "best": st.best,
+        "best_epoch": st.best_epoch,
+    }
+
+
+def _restore(st: _State, ckpt: dict[str, Any]) -> None:
+    st.model.load_state_dict(ckpt["model"])
+    st.loss_fn.load_state_dict(ckpt["loss"])
+    st.opt.load_state_dict(ckpt["optimizer"])
+    st.gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if st.negatives.estimator is not None and ckpt.get("estimator") is not None:
+        st.negatives.estimator.load_state_dict(ckpt["estimator"])
+    st.history, st.best, st.best_epoch = ckpt["history"], ckpt["best"], ckpt["best_epoch"]
+    st.start_epoch = ckpt["epoch"] + 1
+
+
+def _mine(st: _State, ft: FeatureTensors, phase: _Phase, seed: int) -> dict[str, float]:
+    """Mine hard negatives for every training user of the phase with the current model."""
+    users = np.unique(phase.users.numpy())
+    items = encode_items(st.model, ft).numpy()
+    user_vecs = encode_users(st.model, ft, torch.from_numpy(users), phase.history).numpy()
+    positives = UserItems.for_users(users, phase.users.numpy(), phase.items.numpy())
+    st.model.train()
+    return st.negatives.mine(users, user_vecs, items, positives, seed)
+
+
+def _run_phase(
+    spec: TrainSpec,
+    run: RunDir,
+    ft: FeatureTensors,
+    phase: _Phase,
+    st: _State,
+    tcfg: TowerConfig,
+    spec_hash: str,
+    on_epoch: EpochCallback | None,
+    ckpt_extra: dict[str, Any] | None = None,
+) -> None:
+    """Train one phase to its end (or early stop), checkpointing every epoch.
+
+    ``ckpt_extra`` is stored in every checkpoint (the refit phase keeps the select phase's
+    results there, so a resumed refit knows them).
+    """
+    cfg, neg = spec.train, spec.negatives
+    users, items = phase.users, phase.items
+    steps_per_epoch = max(len(users) // cfg.batch_size, 1)
+    bad_epochs = sum(1 for h in st.history if h["epoch"] > st.best_epoch)
+    best_path = run.path(BEST_CHECKPOINT)
+    with Progress(
+        TextColumn(f"[bold]{phase.name}[/] epoch {{task.fields[epoch]}}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        disable=not cfg.progress,
+    ) as bar:
+        task = bar.add_task("train", total=steps_per_epoch, epoch=0, loss=float("nan"))
+        for epoch in range(st.start_epoch, phase.epochs):
+            if phase.val is not None and bad_epochs >= cfg.patience:
+                break
+            row: dict[str, float] = {"epoch": epoch}
+            if st.negatives.wants_mining(epoch):
+                row.update(_mine(st, ft, phase, cfg.seed + epoch))
+            use_hard = neg.hard > 0 and epoch >= neg.hard_start_epoch
+            st.model.train()
+            e0, total, n = time.time(), 0.0, 0
+            bar.reset(task, total=steps_per_epoch, epoch=epoch, loss=float("nan"))
+            for rows in iterate_batches(len(users), cfg.batch_size, st.gen):
+                u, i = users[rows], items[rows]  # (B,), (B,)
+                ub = ft.user_batch(u, phase.history)
+                ub["exclude"] = i
+                user_vec = st.model.encode_users(ub)  # (B, dim)
+                item_vec = st.model.encode_items(ft.item_batch(i))  # (B, dim)
+                nb = st.negatives.batch(u, i, use_hard)
+                extra: dict[str, Any] = {}
+                if nb.shared_ids is not None:
+                    extra["shared_neg"] = st.model.encode_items(ft.item_batch(nb.shared_ids))
+                    extra["shared_neg_ids"] = nb.shared_ids  # (M,)
+                    extra["shared_log_q"] = nb.shared_log_q
+                if nb.hard_ids is not None:
+                    b, k = nb.hard_ids.shape
+                    flat = nb.hard_ids.clamp_min(0).reshape(-1)  # (B*K,) -1 -> OOV row
+                    extra["hard_neg"] = st.model.encode_items(ft.item_batch(flat)).reshape(b, k, -1)
+                    extra["hard_neg_ids"] = nb.hard_ids  # (B, K)
+                    extra["hard_valid"] = nb.hard_valid  # (B, K)
+                loss = st.loss_fn(
+                    user_vec,
+                    item_vec,
+                    item_ids=i,
+                    user_ids=u if neg.mask_accidental_hits else None,
+                    log_q=nb.log_q_pos,
+                    mask_accidental_hits=neg.mask_accidental_hits,
+                    in_batch=neg.in_batch,
+                    **extra,
+                )
+                st.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                st.opt.step()
+                total, n = total + loss.item(), n + 1
+                bar.update(task, advance=1, loss=total / n)
+            row.update({"loss": total / max(n, 1), "epoch_seconds": time.time() - e0})
+            if phase.val is not None:
+                v0 = time.time()
+                row.update(_validate(st.model, ft, phase.val, cfg.valid_k))
+                row["valid_seconds"] = time.time() - v0
+                score = row[f"valid_recall@{cfg.valid_k}"]
+            else:
+                score = float(epoch)  # refit / no validation: the last epoch is the model
+            st.history.append(row)
+            if score > st.best:
+                st.best, st.best_epoch, bad_epochs = score, epoch, 0
+                best = {"tower_config": asdict(tcfg), "model": st.model.state_dict()}
+                _save(
+                    {
+                        **best,
+                        "spec_hash": spec_hash,
+                        "epoch": epoch,
+                        "phase": phase.name,
+                        "metrics": row,
+                    },
+                    best_path,
+                )
+            else:
+                bad_epochs += 1
+            ckpt = _checkpoint(st, phase.name, epoch, spec_hash, tcfg)
+            _save({**ckpt, **(ckpt_extra or {})}, run.path(CHECKPOINT))
+            if on_epoch is not None:
+                step = epoch if phase.name == "select" else 1000 + epoch
+                on_epoch(
+                    step,
+                    {
+                        f"{phase.name}_{k}" if phase.name != "select" else k: v
+                        for k, v in row.items()
+                        if k != "epoch"
+                    },
+                )
+
+
 def train_stage(
     spec: TrainSpec,
     run: RunDir,
@@ -166,28 +378,24 @@ def train_stage(
     cfg = spec.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     ft = load_feature_tensors(run)
-    users_np, items_np = load_pairs(run, ["train"])
-    if len(users_np) == 0:
+    tu, ti = load_pairs(run, ["train"])
+    if len(tu) == 0:
         raise ValueError(f"{run.root}: the train split is empty; nothing to train on")
-    users, items = torch.from_numpy(users_np), torch.from_numpy(items_np)
-    val = _validation_set(run)
-
+    val = _validation_set(run, tu, ti)
     tcfg = tower_config(spec.model, ft.meta)
-    model = TwoTower.from_config(tcfg)
-    loss_fn = SampledSoftmaxLoss(temperature=spec.loss.temperature)
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log_q = (
-        log_q_from_counts(ft.pop_train.double()).float() if spec.loss.logq else None
-    )  # (n_items,)
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, float]] = []
-    best, best_epoch, start_epoch = -1.0, -1, 0
-    ckpt_path, best_path = run.path(CHECKPOINT), run.path(BEST_CHECKPOINT)
     spec_hash = spec.hash()
+    select = _Phase(
+        "select",
+        torch.from_numpy(tu),
+        torch.from_numpy(ti),
+        "train",
+        ft.pop_train,
+        cfg.epochs,
+        val,
+    )
+    ckpt = None
+    ckpt_path = run.path(CHECKPOINT)
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt.get("spec_hash") != spec_hash:
@@ -195,105 +403,52 @@ def train_stage(
                 f"{ckpt_path}: checkpoint was written with a different train/model/loss config; "
                 "re-run without resume"
             )
-        model.load_state_dict(ckpt["model"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        history, best, best_epoch = ckpt["history"], ckpt["best"], ckpt["best_epoch"]
-        start_epoch = ckpt["epoch"] + 1
-
-    steps_per_epoch = max(len(users) // cfg.batch_size, 1)
-    bad_epochs = sum(1 for h in history if h["epoch"] > best_epoch)
-    with Progress(
-        TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(),
-        disable=not cfg.progress,
-    ) as bar:
-        task = bar.add_task("train", total=steps_per_epoch, epoch=0, loss=float("nan"))
-        for epoch in range(start_epoch, cfg.epochs):
-            if bad_epochs >= cfg.patience:
-                break
-            model.train()
-            e0, total, n = time.time(), 0.0, 0
-            bar.reset(task, total=steps_per_epoch, epoch=epoch, loss=float("nan"))
-            for rows in iterate_batches(len(users), cfg.batch_size, gen):
-                u, i = users[rows], items[rows]  # (B,), (B,)
-                ub = ft.user_batch(u, "train")
-                ub["exclude"] = i
-                user_vec = model.encode_users(ub)  # (B, dim)
-                item_vec = model.encode_items(ft.item_batch(i))  # (B, dim)
-                loss = loss_fn(
-                    user_vec,
-                    item_vec,
-                    item_ids=i,
-                    user_ids=u if spec.negatives.mask_accidental_hits else None,
-                    log_q=log_q[i] if log_q is not None else None,
-                    mask_accidental_hits=spec.negatives.mask_accidental_hits,
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, n = total + loss.item(), n + 1
-                bar.update(task, advance=1, loss=total / n)
-            row: dict[str, float] = {
-                "epoch": epoch,
-                "loss": total / max(n, 1),
-                "epoch_seconds": time.time() - e0,
-            }
-            if val is not None:
-                v0 = time.time()
-                row.update(_validate(model, ft, val, cfg.valid_k))
-                row["valid_seconds"] = time.time() - v0
-                score = row[f"valid_recall@{cfg.valid_k}"]
-            else:
-                score = -row["loss"]
-            history.append(row)
-            state = {
-                "tower_config": asdict(tcfg),
-                "model": model.state_dict(),
-                "spec_hash": spec_hash,
-            }
-            if score > best:
-                best, best_epoch, bad_epochs = score, epoch, 0
-                _save({**state, "epoch": epoch, "metrics": row}, best_path)
-            else:
-                bad_epochs += 1
-            _save(
-                {
-                    **state,
-                    "loss": loss_fn.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "history": history,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                },
-                ckpt_path,
-            )
-            if on_epoch is not None:
-                on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
-    write_json({"history": history, "best_epoch": best_epoch}, run.path(TRAIN_HISTORY))
-    metrics = {"best_epoch": float(best_epoch), "epochs_run": float(len(history))}
-    if history:
-        best_row = history[best_epoch] if best_epoch >= 0 else history[-1]
-        metrics.update(
-            {
-                f"best_{k}": v
-                for k, v in best_row.items()
-                if k.startswith("valid_r") or k.startswith("valid_n")
-            }
+    phases_run: dict[str, list[dict[str, float]]] = {}
+    st = _new_state(spec, tcfg, select)
+    if ckpt is not None and ckpt["phase"] == "select":
+        _restore(st, ckpt)
+    if ckpt is None or ckpt["phase"] == "select":
+        _run_phase(spec, run, ft, select, st, tcfg, spec_hash, on_epoch)
+        select_best_epoch, select_history = st.best_epoch, st.history
+    else:
+        select_best_epoch, select_history = ckpt["select_best_epoch"], ckpt["select_history"]
+    phases_run["select"] = select_history
+    metrics: dict[str, float] = {
+        "best_epoch": float(select_best_epoch),
+        "epochs_run": float(len(select_history)),
+    }
+    best_row = select_history[select_best_epoch] if select_best_epoch >= 0 else {}
+    metrics.update({f"best_{k}": v for k, v in best_row.items() if k.startswith("valid_r")})
+    metrics.update({f"best_{k}": v for k, v in best_row.items() if k.startswith("valid_n")})
+    if select_history:
+        metrics["final_loss"] = select_history[-1]["loss"]
+    if cfg.refit and val is not None:
+        au, ai = load_pairs(run, ["train", "valid"])
+        refit = _Phase(
+            "refit",
+            torch.from_numpy(au),
+            torch.from_numpy(ai),
+            "all",
+            ft.pop_all,
+            select_best_epoch + 1,
+            None,
         )
-        metrics["final_loss"] = history[-1]["loss"]
+        st = _new_state(spec, tcfg, refit)
+        if ckpt is not None and ckpt["phase"] == "refit":
+            _restore(st, ckpt)
+        carry = {"select_best_epoch": select_best_epoch, "select_history": select_history}
+        _run_phase(spec, run, ft, refit, st, tcfg, spec_hash, on_epoch, carry)
+        phases_run["refit"] = st.history
+        metrics["refit_epochs"] = float(len(st.history))
+    write_json(
+        {"history": select_history, "best_epoch": select_best_epoch, "phases": phases_run},
+        run.path(TRAIN_HISTORY),
+    )
     return StageRecord(
         stage="train",
         config_hash=spec_hash,
         outputs={"checkpoint": CHECKPOINT, "best": BEST_CHECKPOINT, "history": TRAIN_HISTORY},
-        rows={"train_events": len(users), "valid_users": 0 if val is None else len(val.users)},
+        rows={"train_events": len(tu), "valid_users": 0 if val is None else len(val.users)},
         metrics=metrics,
         seconds=time.time() - t0,
     )

@@ -1,6 +1,15 @@
-"""The model, pure torch: the two towers and their training loss."""
+"""The model, pure torch: the two towers, their losses, negative samplers, frequency estimator."""
 
-from towers.losses import SampledSoftmaxLoss, log_q_from_counts
+from towers.frequency import StreamingFrequencyEstimator
+from towers.losses import (
+    LOSSES,
+    CosineContrastiveLoss,
+    SampledSoftmaxLoss,
+    TripletMarginLoss,
+    build_loss,
+    log_q_from_counts,
+    mixed_log_q,
+)
 from towers.model import (
     AttrSpec,
     ItemTower,
@@ -10,15 +19,23 @@ from towers.model import (
     UserTowerExport,
     masked_mean_embedding,
 )
+from towers.samplers import CatalogueSampler
 
 __all__ = [
+    "LOSSES",
     "AttrSpec",
+    "CatalogueSampler",
+    "CosineContrastiveLoss",
     "ItemTower",
     "SampledSoftmaxLoss",
+    "StreamingFrequencyEstimator",
     "TowerConfig",
+    "TripletMarginLoss",
     "TwoTower",
     "UserTower",
     "UserTowerExport",
+    "build_loss",
     "log_q_from_counts",
     "masked_mean_embedding",
+    "mixed_log_q",
 ]

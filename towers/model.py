@@ -9,7 +9,11 @@ Every part is a ``dim``-sized vector. ``combine="sum"`` adds the parts (then an 
 ``Linear(dim)`` when ``hidden`` is non-empty); ``combine="concat"`` concatenates them and always
 projects back to ``dim`` through the MLP and a final ``Linear``. With one part, ``combine="sum"``
 and ``hidden=[]`` a tower *is* its embedding table, so an id-only pair of towers is plain matrix
-factorisation. Outputs are L2-normalised when ``normalize`` (inner product = cosine).
+factorisation. ``combine="gated"`` is SimpleX's behaviour aggregation in the user tower (Mao et
+al., "SimpleX: A Simple and Strong Baseline for Collaborative Filtering", CIKM 2021):
+``g * e_u + (1 - g) * V h_u`` with e_u the user id embedding, h_u the history mean plus the
+user attributes and V a learnable dim x dim map (see ``_Gate``); its item tower sums its parts.
+Outputs are L2-normalised when ``normalize`` (inner product = cosine).
 
 Conventions shared with the feature stage: row 0 of the id tables is the OOV row; code 0 of an
 attribute is "missing" (single-valued) or padding (multi-valued); item 0 in a history is padding.
@@ -18,6 +22,7 @@ Everything here is pure torch: this module imports neither the pipeline nor pyda
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-COMBINES = ("sum", "concat")  # accepted values of TowerConfig.combine
+COMBINES = ("sum", "concat", "gated")  # accepted values of TowerConfig.combine
 USER_ATTR_PREFIX = "ua_"  # batch key of user attribute <name> is "ua_<name>"
 ITEM_ATTR_PREFIX = "ia_"  # batch key of item attribute <name> is "ia_<name>"
 
@@ -63,7 +68,10 @@ class TowerConfig:
     item_id: bool = True  # item tower: item id embedding
     item_attrs: list[AttrSpec] = field(default_factory=list)  # item tower: attribute embeddings
     share_item_embeddings: bool = True  # history pools the item tower's id table (needs item_id)
-    combine: str = "sum"  # "sum": parts are summed; "concat": concat -> MLP -> Linear(dim)
+    combine: str = "sum"  # "sum": parts summed; "concat": concat -> MLP -> Linear; "gated": SimpleX
+    gate: float = 0.5  # gated: weight g of the user id embedding, 1 - g of the history side
+    gate_learnable: bool = False  # gated: g = sigmoid(w), w learnt from logit(gate); False: fixed
+    history_transform: bool = True  # gated: learnable dim x dim map V (init identity) on history
     hidden: list[int] = field(default_factory=list)  # MLP hidden sizes (ReLU, dropout); [] = none
     dropout: float = 0.0  # dropout after each hidden ReLU of the MLP
     normalize: bool = True  # L2-normalise both towers' outputs
@@ -83,6 +91,7 @@ class TowerConfig:
             )
         if self.combine not in COMBINES:
             raise ValueError(f"TowerConfig.combine must be one of {COMBINES}, got {self.combine!r}")
+        self._check_gate()
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"TowerConfig.hidden sizes must be >= 1, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -104,6 +113,30 @@ class TowerConfig:
                 "the item tower has no input: set item_id=True or give item_attrs "
                 "(pipeline config: model.item_id, or model.item_attributes with item attributes "
                 "in the data)"
+            )
+
+    def _check_gate(self) -> None:
+        self.gate = float(self.gate)
+        if not 0.0 <= self.gate <= 1.0:
+            raise ValueError(f"TowerConfig.gate must be in [0, 1], got {self.gate}")
+        if self.combine != "gated":
+            return
+        if not (self.user_id and self.user_history):
+            raise ValueError(
+                "combine='gated' mixes the user id embedding with the pooled history: it needs "
+                f"user_id=True and user_history=True, got user_id={self.user_id}, "
+                f"user_history={self.user_history} (pipeline config: model.user_id, "
+                "model.user_history and features.history_len > 0)"
+            )
+        if self.hidden:
+            raise ValueError(
+                f"combine='gated' takes no MLP (SimpleX's user tower is the gate alone), got "
+                f"hidden={self.hidden}; set hidden=[] or use combine='sum' / 'concat'"
+            )
+        if self.gate_learnable and not 0.0 < self.gate < 1.0:
+            raise ValueError(
+                f"gate_learnable=True starts from logit(gate), which needs 0 < gate < 1, got "
+                f"gate={self.gate}"
             )
 
     @property
@@ -233,8 +266,58 @@ class _Combine(nn.Module):
         return self.mlp(x)  # (B, D)
 
 
+class _Gate(nn.Module):
+    """SimpleX's behaviour aggregation: ``g * e_u + (1 - g) * V h_u`` -> (B, dim).
+
+    Mao et al., "SimpleX: A Simple and Strong Baseline for Collaborative Filtering" (CIKM 2021),
+    behaviour aggregation layer: the user vector mixes the user's id embedding e_u with a
+    linear map V of the aggregated behaviour h_u (here the masked mean of the history items,
+    plus the user attribute embeddings when there are any: they describe the user's content
+    side, so they join the history rather than the id). g is the paper's weighting
+    hyper-parameter (``gate``), or, with ``gate_learnable``, ``sigmoid(w)`` with w a scalar
+    parameter starting at ``logit(gate)``. V (``history_transform``) is a
+    ``Linear(dim, dim, bias=False)`` initialised to the identity, so training starts from the
+    plain mix of id and mean history with both sides on the same scale; without it V = I.
+    """
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.transform: nn.Linear | None = None
+        if cfg.history_transform:
+            self.transform = nn.Linear(cfg.dim, cfg.dim, bias=False)
+            with torch.no_grad():
+                self.transform.weight.copy_(torch.eye(cfg.dim))
+        self.fixed_gate = float(cfg.gate)
+        self.gate_logit: nn.Parameter | None = None
+        if cfg.gate_learnable:
+            g = cfg.gate
+            self.gate_logit = nn.Parameter(torch.tensor(math.log(g / (1.0 - g))))
+
+    @property
+    def gate(self) -> Tensor:
+        """The current g, a 0-dim tensor (differentiable when learnable)."""
+        if self.gate_logit is not None:
+            return torch.sigmoid(self.gate_logit)
+        return torch.tensor(self.fixed_gate)
+
+    def forward(self, user_vec: Tensor, history_vec: Tensor) -> Tensor:
+        """user_vec (B, D) e_u; history_vec (B, D) h_u -> (B, D)."""
+        h = self.transform(history_vec) if self.transform is not None else history_vec  # (B, D)
+        # fixed: a Python float (exports as a constant); learnable: a () tensor in (0, 1)
+        g = self.fixed_gate if self.gate_logit is None else torch.sigmoid(self.gate_logit)
+        return g * user_vec + (1.0 - g) * h  # (B, D)
+
+    def extra_repr(self) -> str:
+        if self.gate_logit is None:
+            return f"gate={self.fixed_gate} (fixed)"
+        return f"gate={float(self.gate):.4g} (learnable, from {self.fixed_gate})"
+
+
 class UserTower(nn.Module):
     """User id + mean of the history items + user attributes -> (B, dim).
+
+    The parts are combined as ``cfg.combine`` says; ``"gated"``: ``_Gate`` of the id embedding
+    and the history side (history mean + attributes).
 
     ``item_table``: the item tower's id table to pool the history from (``TwoTower`` passes it
     when ``cfg.share_item_embeddings`` and ``cfg.item_id``); when None and the history is on,
@@ -259,7 +342,9 @@ class UserTower(nn.Module):
             self.history_emb = item_table
         self.attrs = _AttrEmbeddings(cfg.user_attrs, cfg.dim, cfg.init_std, USER_ATTR_PREFIX)
         n_parts = int(cfg.user_id) + int(cfg.user_history) + len(cfg.user_attrs)
-        self.combine = _Combine(n_parts, cfg)
+        self.gated = cfg.combine == "gated"
+        # gated: parts are [id, history, *attrs]; the config guarantees id and history are on
+        self.combine: nn.Module = _Gate(cfg) if self.gated else _Combine(n_parts, cfg)
 
     def forward(
         self,
@@ -290,12 +375,18 @@ class UserTower(nn.Module):
             parts.append(masked_mean_embedding(self.history_emb.weight, history, keep))  # (B, D)
         if self.attr_names:
             parts.extend(self.attrs(attrs or {}))  # each (B, D)
-        x = self.combine(parts)  # (B, D)
+        if self.gated:
+            history_side = parts[1]
+            for p in parts[2:]:  # user attributes join the history side
+                history_side = history_side + p  # (B, D)
+            x = self.combine(parts[0], history_side)  # (B, D)
+        else:
+            x = self.combine(parts)  # (B, D)
         return F.normalize(x, dim=-1) if self.normalize else x  # (B, D)
 
 
 class ItemTower(nn.Module):
-    """Item id + item attributes -> (B, dim)."""
+    """Item id + item attributes -> (B, dim); with ``combine="gated"`` the parts are summed."""
 
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()

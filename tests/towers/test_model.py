@@ -60,13 +60,20 @@ def hand_mean(table: torch.Tensor, codes: list[int], skip: set[int]) -> torch.Te
     return torch.stack(rows).mean(0) if rows else torch.zeros(table.shape[1])
 
 
-@pytest.mark.parametrize("combine", ["sum", "concat"])
-@pytest.mark.parametrize("hidden", [[], [16, 12]])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(combine="sum", hidden=[]),
+        dict(combine="sum", hidden=[16, 12]),
+        dict(combine="concat", hidden=[]),
+        dict(combine="concat", hidden=[16, 12]),
+        dict(combine="gated"),  # gated takes no MLP
+        dict(combine="gated", gate_learnable=True),
+    ],
+)
 @pytest.mark.parametrize("normalize", [True, False])
-def test_shapes_and_unit_norm(combine, hidden, normalize):
-    model = TwoTower.from_config(
-        full_config(combine=combine, hidden=hidden, normalize=normalize, dropout=0.1)
-    )
+def test_shapes_and_unit_norm(kw, normalize):
+    model = TwoTower.from_config(full_config(normalize=normalize, dropout=0.1, **kw))
     u = model.encode_users(user_batch(5))
     i = model.encode_items(item_batch(7))
     assert u.shape == (5, DIM) and i.shape == (7, DIM)
@@ -225,8 +232,16 @@ def test_sum_with_hidden_adds_an_mlp_and_dropout_acts_only_in_training():
     assert not torch.equal(a, model.encode_users(batch))
 
 
-def test_config_round_trips_through_asdict_and_json():
-    cfg = full_config(hidden=[32, 16], combine="concat", dropout=0.2)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(hidden=[32, 16], combine="concat", dropout=0.2),
+        dict(combine="gated", gate=0.3, gate_learnable=True, history_transform=False),
+        dict(combine="gated", gate=0.8),
+    ],
+)
+def test_config_round_trips_through_asdict_and_json(kw):
+    cfg = full_config(**kw)
     d = asdict(cfg)
     assert d["user_attrs"][1] == {"name": "genres", "cardinality": 6, "multi": True}
     again = json.loads(json.dumps(d))
@@ -267,6 +282,11 @@ def test_deterministic_under_a_seed():
         (dict(dropout=1.0), "dropout"),
         (dict(hidden=[0]), "hidden"),
         (dict(user_attrs=[AttrSpec("a", 2), AttrSpec("a", 3)]), "duplicate"),
+        (dict(combine="gated", user_id=False), "gated.*user_id=True and user_history=True"),
+        (dict(combine="gated", user_history=False), "gated.*model.user_history"),
+        (dict(combine="gated", hidden=[8]), "gated' takes no MLP.*hidden=\\[\\]"),
+        (dict(gate=1.5), "gate must be in \\[0, 1\\]"),
+        (dict(combine="gated", gate=1.0, gate_learnable=True), "0 < gate < 1"),
     ],
 )
 def test_config_errors_say_which_field(kw, match):
@@ -306,9 +326,16 @@ def _user_args(b: int, h: int, seed: int):
     return batch["user_idx"], batch["history"], attrs, batch["exclude"]
 
 
-def test_export_user_tower_with_dynamic_batch_matches_eager():
+@pytest.mark.parametrize(
+    "kw", [dict(hidden=[16], dropout=0.1), dict(combine="gated", gate_learnable=True)]
+)
+def test_export_user_tower_with_dynamic_batch_matches_eager(kw):
     torch.manual_seed(0)
-    tower = TwoTower.from_config(full_config(hidden=[16], dropout=0.1)).user_tower.eval()
+    tower = TwoTower.from_config(full_config(**kw)).user_tower.eval()
+    if kw.get("combine") == "gated":  # move V and g off their initial values
+        with torch.no_grad():
+            tower.combine.transform.weight.add_(0.1 * torch.randn(DIM, DIM))
+            tower.combine.gate_logit.fill_(0.7)
     batch, hist = Dim("batch", min=1), Dim("history", min=1)
     shapes = (
         {0: batch},
@@ -329,6 +356,9 @@ def test_export_user_tower_with_dynamic_batch_matches_eager():
         {},
         dict(user_history=False, user_attrs=[]),  # id only
         dict(user_id=False, user_history=False, combine="concat", hidden=[8]),  # attrs only
+        dict(combine="gated"),  # SimpleX, fixed gate, attributes on the history side
+        dict(combine="gated", gate_learnable=True, user_attrs=[]),  # learnable gate, no attrs
+        dict(combine="gated", history_transform=False),  # V = identity
     ],
 )
 def test_export_flat_wrapper(kw):
@@ -368,3 +398,103 @@ def test_a_few_training_steps_fit_planted_pairs():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# -- SimpleX gated combination ---------------------------------------------------------------
+@pytest.mark.parametrize("gate", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("with_attrs", [True, False])
+def test_gated_equals_a_hand_computation(gate, with_attrs):
+    """g * e_u + (1 - g) * V (history mean + attributes), by hand, row by row."""
+    torch.manual_seed(0)
+    attrs = USER_ATTRS if with_attrs else []
+    cfg = full_config(combine="gated", gate=gate, user_attrs=attrs, normalize=False)
+    model = TwoTower.from_config(cfg)
+    gate_mod = model.user_tower.combine
+    with torch.no_grad():  # a V that is not the identity
+        gate_mod.transform.weight.copy_(torch.randn(DIM, DIM))
+    assert [n for n, _ in gate_mod.named_parameters()] == ["transform.weight"]  # g is fixed
+    batch = user_batch(5)
+    out = model.encode_users(batch)
+    ut = model.user_tower
+    table = model.item_tower.id_emb.weight.detach()
+    V = gate_mod.transform.weight.detach()
+    for b in range(5):
+        e_u = ut.id_emb.weight[batch["user_idx"][b]].detach()
+        h = hand_mean(table, batch["history"][b].tolist(), {0, int(batch["exclude"][b])})
+        if with_attrs:
+            h = h + ut.attrs.tables[0].weight[batch["ua_gender"][b]].detach()
+            h = h + hand_mean(
+                ut.attrs.tables[1].weight.detach(), batch["ua_genres"][b].tolist(), {0}
+            )
+        want = gate * e_u + (1 - gate) * (V @ h)
+        assert torch.allclose(out[b], want, atol=1e-6), b
+    normed = TwoTower.from_config(replace(cfg, normalize=True))
+    normed.load_state_dict(model.state_dict())
+    assert torch.allclose(normed.encode_users(batch), F.normalize(out, dim=-1), atol=1e-6)
+
+
+def test_gated_identity_map_and_gate_one_is_the_id_embedding():
+    """V = I and g = 1: the (normalised) user id embedding, whatever the history."""
+    cfg = full_config(combine="gated", gate=1.0, history_transform=False, user_attrs=[])
+    model = TwoTower.from_config(cfg)
+    assert model.user_tower.combine.transform is None
+    batch = user_batch(6)
+    want = F.normalize(model.user_tower.id_emb.weight[batch["user_idx"]], dim=-1)
+    assert torch.allclose(model.encode_users(batch), want, atol=1e-6)
+    # the learnt V starts at the identity: same output
+    with_v = TwoTower.from_config(replace(cfg, history_transform=True))
+    assert torch.equal(with_v.user_tower.combine.transform.weight, torch.eye(DIM))
+    with_v.load_state_dict(model.state_dict(), strict=False)
+    assert torch.allclose(with_v.encode_users(batch), want, atol=1e-6)
+    # g = 0, V = I: the normalised history mean alone
+    hist_only = TwoTower.from_config(replace(cfg, gate=0.0))
+    hist_only.load_state_dict(model.state_dict())
+    table = model.item_tower.id_emb.weight.detach()
+    for b in range(6):
+        h = hand_mean(table, batch["history"][b].tolist(), {0, int(batch["exclude"][b])})
+        got = hist_only.encode_users(batch)[b]
+        assert torch.allclose(got, F.normalize(h, dim=-1), atol=1e-6), b
+
+
+def test_learnable_gate_starts_at_gate_and_moves_under_an_optimizer_step():
+    torch.manual_seed(0)
+    model = TwoTower.from_config(full_config(combine="gated", gate=0.3, gate_learnable=True))
+    gate_mod = model.user_tower.combine
+    assert gate_mod.gate.item() == pytest.approx(0.3, abs=1e-6)
+    assert "user_tower.combine.gate_logit" in dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    batch = user_batch(8)
+    # pull the user vectors toward their id embeddings: the gate must grow
+    target = F.normalize(model.user_tower.id_emb.weight[batch["user_idx"]].detach(), dim=-1)
+    before = gate_mod.gate.item()
+    loss = -(model.encode_users(batch) * target).sum(-1).mean()
+    loss.backward()
+    assert gate_mod.gate_logit.grad is not None and gate_mod.gate_logit.grad.abs() > 0
+    opt.step()
+    assert gate_mod.gate.item() > before
+    # a fixed gate is no parameter and does not move
+    fixed = TwoTower.from_config(full_config(combine="gated", gate=0.3))
+    assert not any("gate" in n for n, _ in fixed.named_parameters())
+    assert fixed.user_tower.combine.gate.item() == pytest.approx(0.3)
+
+
+def test_gated_item_tower_sums_its_parts():
+    model = TwoTower.from_config(full_config(combine="gated", normalize=False))
+    it = model.item_tower
+    batch = item_batch(4)
+    want = (
+        it.id_emb(batch["item_idx"])
+        + it.attrs.tables[0](batch["ia_type"])
+        + masked_mean_embedding(it.attrs.tables[1].weight, batch["ia_tags"], batch["ia_tags"] != 0)
+    )
+    assert torch.allclose(model.encode_items(batch), want, atol=1e-6)
+
+
+def test_config_from_a_checkpoint_without_the_gate_fields():
+    """A dict saved before the gated fields existed rebuilds with their defaults."""
+    d = full_config().to_dict()
+    for k in ("gate", "gate_learnable", "history_transform"):
+        d.pop(k)
+    cfg = TowerConfig.from_dict(d)
+    assert (cfg.gate, cfg.gate_learnable, cfg.history_transform) == (0.5, False, True)
+    assert cfg == full_config()

@@ -1,0 +1,97 @@
+"""Training with every loss and negative source learns; refit and mining behave as configured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import load_feature_tensors, load_pairs
+from pipeline.metrics import UserItems, popularity_topk, recall_ndcg
+from pipeline.rundir import BEST_CHECKPOINT, TRAIN_HISTORY, RunDir, read_json
+from pipeline.runner import run_stage
+from pipeline.train import TrainSpec, train_stage
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def features_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    cfg = load_config(CONFIGS / "tiny.yaml", ["tracking.enabled=false"])
+    run = RunDir(tmp_path_factory.mktemp("neg") / "run")
+    run_stage("ingest", cfg, run)
+    run_stage("features", cfg, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def valid_popularity(features_run: RunDir) -> float:
+    """recall@20 on the validation split of the most popular train items."""
+    ft = load_feature_tensors(features_run)
+    vu, vi = load_pairs(features_run, ["valid"])
+    tu, ti = load_pairs(features_run, ["train"])
+    users = np.unique(vu)
+    truth = UserItems.for_users(users, vu, vi)
+    exclude = UserItems.for_users(users, tu, ti)
+    ids = np.arange(1, ft.n_items, dtype=np.int64)
+    top = popularity_topk(ft.pop_train.numpy()[1:].astype(np.float64), ids, exclude, 20)
+    return recall_ndcg(top, truth, [20])["recall@20"]
+
+
+def _train(run: RunDir, *overrides: str):
+    cfg = load_config(
+        CONFIGS / "tiny.yaml", ["tracking.enabled=false", "train.epochs=4", *overrides]
+    )
+    return train_stage(TrainSpec(cfg.model, cfg.loss, cfg.negatives, cfg.train), run)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.logq=false"],
+        ["loss.logq_source=streaming"],
+        ["negatives.mixed=64", "negatives.mixed_alpha=0.5"],
+        ["negatives.mixed=64", "negatives.in_batch=false"],
+        ["negatives.hard=4", "negatives.hard_rank_lo=5", "negatives.hard_rank_hi=30"],
+        ["negatives.hard=4", "negatives.hard_margin=0.05", "negatives.hard_start_epoch=2"],
+        ["loss.name=triplet", "loss.margin=0.2", "train.lr=0.02"],
+        ["loss.name=ccl", "loss.ccl_margin=0.4", "loss.ccl_negative_weight=50"],
+        ["loss.learnable_temperature=true"],
+        ["model.combine=gated", "model.gate_learnable=true", "model.user_attributes=false"],
+    ],
+    ids=lambda o: ",".join(o),
+)
+def test_each_configuration_beats_popularity_on_validation(
+    features_run: RunDir, valid_popularity: float, overrides: list[str]
+) -> None:
+    rec = _train(features_run, *overrides)
+    assert rec.metrics["best_valid_recall@20"] > valid_popularity + 0.05
+
+
+def test_mining_is_logged_on_its_schedule(features_run: RunDir) -> None:
+    _train(
+        features_run,
+        "negatives.hard=4",
+        "negatives.hard_start_epoch=1",
+        "negatives.hard_every=2",
+        "train.patience=10",
+    )
+    hist = read_json(features_run.path(TRAIN_HISTORY))["history"]
+    mined = [h["epoch"] for h in hist if "hard_mined" in h]
+    assert mined == [1, 3]
+    for h in hist:
+        if "hard_mined" in h:
+            assert h["hard_mined"] > 0 and h["hard_score_max"] <= 1.0 + 1e-5
+
+
+def test_refit_retrains_on_train_and_valid_for_the_selected_epochs(features_run: RunDir) -> None:
+    rec = _train(features_run, "train.refit=true", "train.patience=2")
+    hist = read_json(features_run.path(TRAIN_HISTORY))
+    best = torch.load(features_run.path(BEST_CHECKPOINT), weights_only=False)
+    assert best["phase"] == "refit"
+    assert len(hist["phases"]["refit"]) == hist["best_epoch"] + 1
+    assert rec.metrics["refit_epochs"] == hist["best_epoch"] + 1
+    assert best["epoch"] == hist["best_epoch"]
