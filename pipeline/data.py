@@ -24,10 +24,7 @@ from pipeline.rundir import (
     read_parquet,
     scan_parquet,
 )
-
-USER_FEATURE_COLUMNS = {"user_idx": "int", "history_train": "list[int]", "history_all": "list[int]"}
-ITEM_FEATURE_COLUMNS = {"item_idx": "int", "pop_train": "int", "pop_all": "int"}
-EVENT_COLUMNS = {"user_idx": "int", "item_idx": "int", "timestamp": "int", "split": "str"}
+from pipeline.schemas import EVENTS_KINDS, ITEM_FEATURES_KINDS, USER_FEATURES_KINDS
 
 
 def padded(series: pl.Series, width: int | None = None) -> np.ndarray:
@@ -103,8 +100,8 @@ def load_feature_tensors(run: RunDir) -> FeatureTensors:
     """Read the features stage's user/item tables into tensors."""
     meta = read_json(run.path(FEATURE_META))
     n_users, n_items, width = meta["n_users"], meta["n_items"], max(meta["history_len"], 1)
-    users = read_parquet(run.path(USER_FEATURES), USER_FEATURE_COLUMNS)
-    items = read_parquet(run.path(ITEM_FEATURES), ITEM_FEATURE_COLUMNS)
+    users = read_parquet(run.path(USER_FEATURES), USER_FEATURES_KINDS)
+    items = read_parquet(run.path(ITEM_FEATURES), ITEM_FEATURES_KINDS)
     uidx = users["user_idx"].to_numpy().astype(np.int64)
     iidx = items["item_idx"].to_numpy().astype(np.int64)
     return FeatureTensors(
@@ -131,7 +128,7 @@ def load_feature_tensors(run: RunDir) -> FeatureTensors:
 def load_pairs(run: RunDir, splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(user_idx, item_idx) int64 arrays of the events in ``splits``, in file order."""
     df = (
-        scan_parquet(run.path(EVENTS), EVENT_COLUMNS)
+        scan_parquet(run.path(EVENTS), EVENTS_KINDS)
         .filter(pl.col("split").is_in(splits))
         .select("user_idx", "item_idx")
         .collect()

@@ -61,12 +61,12 @@ from pipeline.rundir import (
     write_json,
     write_text,
 )
+from pipeline.schemas import EVENTS_KINDS, ITEM_FEATURES_KINDS, SPLITS
 
 __all__ = ["evaluate_stage", "evaluate_vectors", "user_sets"]
 
-EVENTS_COLUMNS = {"user_idx": "int", "item_idx": "int", "split": "str"}
-ITEM_FEATURES_COLUMNS = {"item_idx": "int", "pop_all": "int"}
-SPLITS = ("train", "valid", "test")
+EVENTS_COLUMNS = {k: EVENTS_KINDS[k] for k in ("user_idx", "item_idx", "split")}
+ITEM_FEATURES_COLUMNS = {k: ITEM_FEATURES_KINDS[k] for k in ("item_idx", "pop_all")}
 
 
 def user_sets(run: RunDir, users: np.ndarray) -> tuple[UserItems, UserItems]:

@@ -52,6 +52,7 @@ from pipeline.rundir import (
     read_parquet,
     scan_parquet,
 )
+from pipeline.schemas import EVENTS_KINDS, ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
 from pipeline.train import load_model
 from towers import UserTower, UserTowerExport
 
@@ -156,18 +157,18 @@ def _write_bundle(run: RunDir, out: Path) -> None:
     attr_names = export_user_tower(model.user_tower, example, out / TOWER_FILE)
 
     shutil.copyfile(run.path(INDEX), out / "index.faiss")
-    items = read_parquet(run.path(ITEM_VOCAB), {"item": "str", "item_idx": "int"})
+    items = read_parquet(run.path(ITEM_VOCAB), ITEM_VOCAB_KINDS)
     items.select("item_idx", "item").sort("item_idx").write_parquet(out / "item_ids.parquet")
 
     seen = (
-        scan_parquet(run.path(EVENTS), {"user_idx": "int", "item_idx": "int", "split": "str"})
+        scan_parquet(run.path(EVENTS), EVENTS_KINDS)
         .filter(pl.col("split").is_in(["train", "valid"]) & (pl.col("item_idx") > 0))
         .group_by("user_idx")
         .agg(pl.col("item_idx").unique().sort().alias("seen"))
     )
     user_feats = read_parquet(run.path(USER_FEATURES), {"user_idx": "int"}).drop("history_train")
     users = (
-        read_parquet(run.path(USER_VOCAB), {"user": "str", "user_idx": "int"})
+        read_parquet(run.path(USER_VOCAB), USER_VOCAB_KINDS)
         .lazy()
         .join(user_feats.lazy(), on="user_idx", how="left")
         .join(seen, on="user_idx", how="left")

@@ -53,29 +53,15 @@ from pipeline.rundir import (
     write_json,
     write_parquet,
 )
+from pipeline.schemas import (
+    INTERACTIONS_KINDS,
+    ITEM_FEATURES_KINDS,
+    SPLITS,
+    USER_FEATURES_KINDS,
+)
 
 OOV = 0  # index of the out-of-vocabulary user/item row, and the "missing" attribute code
-SPLITS = ("train", "valid", "test")  # split values of the events artifact
 
-# Declared column kinds, for rundir.read_parquet / scan_parquet by this and later stages.
-INTERACTIONS_KINDS = {
-    "user": "str",
-    "item": "str",
-    "timestamp": "int",
-    "weight": "float",
-    "split": "str",
-}
-USER_VOCAB_KINDS = {"user": "str", "user_idx": "int"}
-ITEM_VOCAB_KINDS = {"item": "str", "item_idx": "int"}
-EVENTS_KINDS = {
-    "user_idx": "int",
-    "item_idx": "int",
-    "timestamp": "int",
-    "weight": "float",
-    "split": "str",
-}
-USER_FEATURES_KINDS = {"user_idx": "int", "history_train": "list[int]", "history_all": "list[int]"}
-ITEM_FEATURES_KINDS = {"item_idx": "int", "pop_train": "int", "pop_all": "int"}
 META_KEYS = (
     "n_users",
     "n_items",

@@ -31,21 +31,12 @@ from pipeline.readers.common import attribute_dtype_ok
 from pipeline.rundir import INTERACTIONS, RAW_ITEMS, RAW_USERS, RunDir, StageRecord, write_parquet
 
 __all__ = [
-    "INTERACTIONS_KINDS",
     "IngestError",
     "ingest",
     "read_source",
     "validate_tables",
 ]
 
-# Declared column kinds of the interactions artifact, for rundir.read_parquet / scan_parquet.
-INTERACTIONS_KINDS = {
-    "user": "str",
-    "item": "str",
-    "timestamp": "int",
-    "weight": "float",
-    "split": "str",
-}
 SPLIT_VALUES = ("train", "test")  # the values a source's own split may take
 
 

@@ -101,8 +101,12 @@ def test_bundle_without_user_attributes_serves(tmp_path: Path) -> None:
 
     cfg = load_config(
         Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
-        ["tracking.enabled=false", "export.version=v1", "model.user_attributes=false",
-         "train.epochs=1"],
+        [
+            "tracking.enabled=false",
+            "export.version=v1",
+            "model.user_attributes=false",
+            "train.epochs=1",
+        ],
     )
     run = RunDir(tmp_path / "run")
     run_all(cfg, run)

@@ -14,9 +14,6 @@ import pytest
 
 from pipeline.config import DataConfig, FeaturesConfig, section_hash
 from pipeline.features import (
-    EVENTS_KINDS,
-    ITEM_FEATURES_KINDS,
-    USER_FEATURES_KINDS,
     build_features,
     encode_attributes,
     fit_attributes,
@@ -39,6 +36,7 @@ from pipeline.rundir import (
     write_json,
     write_parquet,
 )
+from pipeline.schemas import EVENTS_KINDS, ITEM_FEATURES_KINDS, USER_FEATURES_KINDS
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 GOWALLA = DATA / "gowalla"

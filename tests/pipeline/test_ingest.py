@@ -8,8 +8,9 @@ import polars as pl
 import pytest
 
 from pipeline.config import ColumnMap, DataConfig, SyntheticConfig, section_hash
-from pipeline.ingest import INTERACTIONS_KINDS, IngestError, ingest, validate_tables
+from pipeline.ingest import IngestError, ingest, validate_tables
 from pipeline.rundir import INTERACTIONS, RAW_ITEMS, RAW_USERS, RunDir, read_parquet
+from pipeline.schemas import INTERACTIONS_KINDS
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 ML100K = DATA / "ml-100k"
