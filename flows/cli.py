@@ -67,7 +67,9 @@ def _stage_config(run: RunDir, config: Path | None, overrides: list[str]) -> Con
     return resolve_config(manifest["config"], overrides, str(run.path("manifest.json")))
 
 
-def _run_single(stage: str, run_dir: Path, config: Path | None, overrides: list[str]) -> None:
+def _run_single(
+    stage: str, run_dir: Path, config: Path | None, overrides: list[str], **kwargs: object
+) -> None:
     from pipeline.tracking import Tracker
 
     rd = RunDir(run_dir)
@@ -78,7 +80,7 @@ def _run_single(stage: str, run_dir: Path, config: Path | None, overrides: list[
         check_run_config(rd, cfg, stage)
         tracker = Tracker(cfg.tracking, rd.root.parent)
         parent = rd.manifest().get("mlflow", {}).get("parent_run_id", "")
-        rec = run_stage(stage, cfg, rd, TrackingContext(tracker, parent))
+        rec = run_stage(stage, cfg, rd, TrackingContext(tracker, parent), **kwargs)
     except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     metrics = {k: round(v, 4) for k, v in rec.metrics.items()}
@@ -99,7 +101,21 @@ def _make_stage_command(stage: str) -> None:
 
 
 for _stage in STAGES:
-    _make_stage_command(_stage)
+    if _stage != "train":
+        _make_stage_command(_stage)
+
+
+@app.command(name="train")
+def train(
+    run_dir: Annotated[Path, typer.Option("--run", help="the run directory")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from train/checkpoint.pt")
+    ] = False,
+) -> None:
+    """Run only the train stage against a run directory (optionally resuming)."""
+    _run_single("train", run_dir, config, set_ or [], resume=resume)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ def test_cli_run_prints_run_dir_last_and_stage_commands_rerun(
     res = runner.invoke(app, ["evaluate", "--run", str(run.root)])
     assert res.exit_code == 0, res.output
     assert run.stage_record("evaluate")["finished_at"] > before
+    # a finished training resumed with the same config has nothing left to do
+    res = runner.invoke(app, ["train", "--run", str(run.root), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert '"epochs_run": 1.0' in res.output
     res = runner.invoke(
         app, ["evaluate", "--run", str(run.root), "--set", "features.history_len=3"]
     )
