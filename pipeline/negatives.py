@@ -15,7 +15,12 @@ import torch
 
 from pipeline.config import LossConfig, NegativesConfig
 from pipeline.metrics import UserItems
-from pipeline.mining import HardNegativePool, mine_hard_negatives, sample_hard_negatives
+from pipeline.mining import (
+    HardNegativePool,
+    mine_hard_negatives,
+    pool_lookup,
+    sample_hard_negatives,
+)
 from towers import CatalogueSampler, StreamingFrequencyEstimator, mixed_log_q
 
 
@@ -134,9 +139,8 @@ class Negatives:
 
     def _pos_scores(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         assert self.pool is not None and self.user_vecs is not None and self.item_vecs is not None
-        rows = torch.searchsorted(torch.from_numpy(self.pool.users), u).clamp_max(
-            len(self.pool.users) - 1
-        )
+        # a user absent from the pool gets row 0; its hard slots are invalid anyway
+        rows = pool_lookup(self.pool, u).clamp_min(0)  # (B,)
         return (self.user_vecs[rows] * self.item_vecs[i]).sum(-1)  # (B,)
 
     # -- per batch -------------------------------------------------------------------
