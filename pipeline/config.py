@@ -101,6 +101,7 @@ class LossConfig(_Strict):
     learnable_temperature: bool = False  # softmax: learn the temperature (from `temperature`)
     logq: bool = True  # softmax: subtract log sampling probability of each candidate
     logq_source: Literal["counts", "streaming"] = "counts"  # train counts or streaming estimate
+    logq_weight: float = Field(1.0, ge=0)  # softmax: subtract logq_weight * log q (1 = Yi et al.)
     margin: float = 0.1  # triplet: margin between positive and negative similarity
     ccl_margin: float = 0.8  # ccl: negatives with cosine below this cost nothing
     ccl_negative_weight: float | None = None  # ccl: weight of the negative term (None = 1)
@@ -136,6 +137,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(1024, ge=2)  # rows per step = in-batch negatives + 1
     lr: float = Field(3e-3, gt=0)  # AdamW learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> lr_min over `epochs`
+    lr_min: float = Field(0.0, ge=0)  # cosine: the learning rate reached at the last epoch
     patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping
     valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
     seed: int = 0  # seed of init and batch order

@@ -43,7 +43,9 @@ class Negatives:
     proportion to them, so their log sampling probability is the logQ correction (Yi et al.,
     RecSys 2019). With shared sampled negatives from a second distribution q_s, every
     candidate is corrected by the mixture's expected count log(B·q + M·q_s) (Yang et al.,
-    WWW 2020), so in-batch and sampled candidates are treated alike.
+    WWW 2020), so in-batch and sampled candidates are treated alike. ``loss.logq_weight``
+    scales the correction: 1 is the paper's, 0 none; in between keeps part of the popularity
+    prior that in-batch sampling imposes.
     """
 
     def __init__(
@@ -79,8 +81,9 @@ class Negatives:
         self.item_vecs: torch.Tensor | None = None  # (n_items, D) at mining time
 
     def _log_q(self, ids: torch.Tensor) -> torch.Tensor | None:
+        w = self.loss.logq_weight
         if self.table is not None:
-            return self.table.index_select(0, ids)
+            return self.table.index_select(0, ids) * w
         if self.estimator is not None:
             # the estimator gives pi, the chance an item is in a batch; with Poisson counts
             # pi = 1 - exp(-lambda), so lambda = -log(1 - pi) is its expected count per batch
@@ -89,7 +92,7 @@ class Negatives:
             lam = -torch.log1p(-pi)
             if self.sampler is not None:
                 lam = lam + self.neg.mixed * self.sampler.probability.index_select(0, ids)
-            return torch.log(lam).float()
+            return torch.log(lam).float() * w
         return None
 
     # -- hard negatives --------------------------------------------------------------

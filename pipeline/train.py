@@ -11,6 +11,7 @@ checkpoint a later call can resume from.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -157,6 +158,27 @@ def _validate(model: TwoTower, ft: FeatureTensors, val: _Validation, k: int) -> 
     return {f"valid_recall@{k}": m[f"recall@{k}"], f"valid_ndcg@{k}": m[f"ndcg@{k}"]}
 
 
+def learning_rate(cfg: TrainConfig, progress: float) -> float:
+    """The learning rate after ``progress`` epochs (fractional) of ``cfg.epochs``.
+
+    "constant": ``cfg.lr``. "cosine": half a cosine from ``cfg.lr`` at epoch 0 down to
+    ``cfg.lr_min`` at epoch ``cfg.epochs`` (Loshchilov & Hutter, "SGDR", ICLR 2017, without
+    restarts). The schedule is a function of epochs, not of steps, so the refit phase, which
+    has more rows per epoch, follows the select phase's learning rate epoch for epoch and
+    stops at the rate the selected epoch ended with; a resumed run recomputes it.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = min(max(progress / cfg.epochs, 0.0), 1.0)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def _save(obj: dict[str, Any], path: Path) -> None:
     write_with(path, lambda tmp: torch.save(obj, tmp))
 
@@ -296,7 +318,8 @@ def _run_phase(
             st.model.train()
             e0, total, n = time.time(), 0.0, 0
             bar.reset(task, total=steps_per_epoch, epoch=epoch, loss=float("nan"))
-            for rows in iterate_batches(len(users), cfg.batch_size, st.gen):
+            for step, rows in enumerate(iterate_batches(len(users), cfg.batch_size, st.gen)):
+                set_lr(st.opt, learning_rate(cfg, epoch + step / steps_per_epoch))
                 u, i = users[rows], items[rows]  # (B,), (B,)
                 ub = ft.user_batch(u, phase.history)
                 ub["exclude"] = i
@@ -330,6 +353,7 @@ def _run_phase(
                 total, n = total + loss.item(), n + 1
                 bar.update(task, advance=1, loss=total / n)
             row.update({"loss": total / max(n, 1), "epoch_seconds": time.time() - e0})
+            row["lr"] = st.opt.param_groups[0]["lr"]
             if phase.val is not None:
                 v0 = time.time()
                 row.update(_validate(st.model, ft, phase.val, cfg.valid_k))

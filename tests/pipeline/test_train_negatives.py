@@ -95,3 +95,53 @@ def test_refit_retrains_on_train_and_valid_for_the_selected_epochs(features_run:
     assert len(hist["phases"]["refit"]) == hist["best_epoch"] + 1
     assert rec.metrics["refit_epochs"] == hist["best_epoch"] + 1
     assert best["epoch"] == hist["best_epoch"]
+
+
+def test_cosine_schedule_decays_per_epoch_and_refit_follows_it(features_run: RunDir) -> None:
+    _train(
+        features_run,
+        "train.lr_schedule=cosine",
+        "train.lr=0.01",
+        "train.lr_min=0.001",
+        "train.refit=true",
+        "train.patience=10",
+    )
+    phases = read_json(features_run.path(TRAIN_HISTORY))["phases"]
+    lrs = [h["lr"] for h in phases["select"]]
+    # the last step of epoch e ran at progress just under e + 1 of the 4 epochs
+    assert lrs == sorted(lrs, reverse=True) and 0.001 < lrs[-1] < lrs[0] < 0.01
+    assert lrs[1] == pytest.approx(0.001 + 0.5 * 0.009 * (1 + np.cos(np.pi * 2 / 4)), rel=0.05)
+    # refit has more rows per epoch but runs the same per-epoch schedule
+    refit = [h["lr"] for h in phases["refit"]]
+    assert refit == pytest.approx(lrs[: len(refit)], rel=0.05)
+
+
+def test_learning_rate_schedule_values() -> None:
+    from pipeline.config import TrainConfig
+    from pipeline.train import learning_rate
+
+    const = TrainConfig(lr=0.01, epochs=10)
+    assert learning_rate(const, 7.5) == 0.01
+    cos = TrainConfig(lr=0.01, epochs=10, lr_schedule="cosine", lr_min=0.002)
+    assert learning_rate(cos, 0.0) == pytest.approx(0.01)
+    assert learning_rate(cos, 5.0) == pytest.approx(0.006)
+    assert learning_rate(cos, 10.0) == pytest.approx(0.002)
+    assert learning_rate(cos, 12.0) == pytest.approx(0.002)  # refit past the horizon stays low
+
+
+def test_logq_weight_scales_the_correction() -> None:
+    from pipeline.config import LossConfig, NegativesConfig
+    from pipeline.negatives import Negatives
+
+    counts = torch.tensor([0.0, 5.0, 1.0, 30.0])
+    ids = torch.tensor([1, 2, 3])
+    out = {}
+    for w in (1.0, 0.5, 0.0):
+        neg = Negatives(
+            NegativesConfig(), LossConfig(logq_weight=w), counts, 8, torch.Generator()
+        )
+        out[w] = neg.batch(torch.tensor([1, 1, 2]), ids, use_hard=False).log_q_pos
+    assert torch.allclose(out[0.5], 0.5 * out[1.0])
+    assert torch.equal(out[0.0], torch.zeros(3))
+    # full weight: log of the expected count per batch, B * count / total
+    assert torch.allclose(out[1.0], torch.log(8 * counts[ids] / counts.sum()), atol=1e-5)
