@@ -21,7 +21,7 @@ from pipeline.mining import (
     pool_lookup,
     sample_hard_negatives,
 )
-from towers import CatalogueSampler, StreamingFrequencyEstimator, mixed_log_q
+from towers import CatalogueSampler, ItemMemory, StreamingFrequencyEstimator, mixed_log_q
 
 
 @dataclass
@@ -31,6 +31,9 @@ class BatchNegatives:
     log_q_pos: torch.Tensor | None = None  # (B,) correction of in-batch candidates
     shared_ids: torch.Tensor | None = None  # (M,) shared sampled negatives
     shared_log_q: torch.Tensor | None = None  # (M,)
+    memory_ids: torch.Tensor | None = None  # (F,) items in the cross-batch memory
+    memory_vecs: torch.Tensor | None = None  # (F, D) their (detached) vectors
+    memory_log_q: torch.Tensor | None = None  # (F,)
     hard_ids: torch.Tensor | None = None  # (B, K) mined negatives, -1 = none
     hard_valid: torch.Tensor | None = None  # (B, K) bool
     stats: dict[str, float] = field(default_factory=dict)
@@ -43,7 +46,9 @@ class Negatives:
     proportion to them, so their log sampling probability is the logQ correction (Yi et al.,
     RecSys 2019). With shared sampled negatives from a second distribution q_s, every
     candidate is corrected by the mixture's expected count log(B·q + M·q_s) (Yang et al.,
-    WWW 2020), so in-batch and sampled candidates are treated alike. ``loss.logq_weight``
+    WWW 2020), so in-batch and sampled candidates are treated alike. Items in the cross-batch
+    memory (``negatives.memory`` = M, ``towers.ItemMemory``) were earlier batches' positives,
+    drawn like the in-batch ones: they enlarge the popularity-drawn pool to B + M. ``loss.logq_weight``
     scales the correction: 1 is the paper's, 0 none; in between keeps part of the popularity
     prior that in-batch sampling imposes.
     """
@@ -74,7 +79,9 @@ class Negatives:
         elif use_logq:
             q = counts.double() / counts.sum().clamp_min(1)  # (n_items,)
             qs = self.sampler.probability.double() if self.sampler else torch.zeros_like(q)
-            self.table = mixed_log_q(q, qs, batch_size, neg.mixed).float()
+            pool = batch_size + neg.memory  # in-batch and memory items are popularity-drawn
+            self.table = mixed_log_q(q, qs, pool, neg.mixed).float()
+        self.memory: ItemMemory | None = None  # created at the first push (needs the dim)
         self.pool: HardNegativePool | None = None
         self.mined_user: dict[int, int] = {}
         self.user_vecs: torch.Tensor | None = None  # (U, D) at mining time
@@ -89,7 +96,7 @@ class Negatives:
             # pi = 1 - exp(-lambda), so lambda = -log(1 - pi) is its expected count per batch
             # (≈ B·q), the same scale as the counts path's B·q
             pi = self.estimator.probability(ids).double().clamp(1e-12, 1 - 1e-6)  # (n,)
-            lam = -torch.log1p(-pi)
+            lam = -torch.log1p(-pi) * (1 + self.neg.memory / self.batch_size)  # B + M draws
             if self.sampler is not None:
                 lam = lam + self.neg.mixed * self.sampler.probability.index_select(0, ids)
             return torch.log(lam).float() * w
@@ -146,12 +153,34 @@ class Negatives:
         rows = pool_lookup(self.pool, u).clamp_min(0)  # (B,)
         return (self.user_vecs[rows] * self.item_vecs[i]).sum(-1)  # (B,)
 
+    # -- cross-batch memory ----------------------------------------------------------
+    def wants_memory(self, epoch: int) -> bool:
+        return self.neg.memory > 0 and epoch >= self.neg.memory_start_epoch
+
+    def remember(self, ids: torch.Tensor, vecs: torch.Tensor) -> None:
+        """Queue a batch's positives (ids (B,), vecs (B, D)) when the memory is on."""
+        if self.neg.memory == 0:
+            return
+        if self.memory is None:
+            self.memory = ItemMemory(self.neg.memory, vecs.shape[1])
+        self.memory.push(ids, vecs)
+
+    def load_memory(self, state: dict) -> None:
+        """Restore the memory from ``ItemMemory.state_dict()`` (a checkpoint)."""
+        self.memory = ItemMemory(self.neg.memory, int(state["vecs"].shape[1]))
+        self.memory.load_state_dict(state)
+
     # -- per batch -------------------------------------------------------------------
-    def batch(self, u: torch.Tensor, i: torch.Tensor, use_hard: bool) -> BatchNegatives:
+    def batch(
+        self, u: torch.Tensor, i: torch.Tensor, use_hard: bool, use_memory: bool = False
+    ) -> BatchNegatives:
         """Negatives and corrections for a batch of (user, positive item) rows."""
         if self.estimator is not None:
             self.estimator.update(i)
         out = BatchNegatives(log_q_pos=self._log_q(i))
+        if use_memory and self.memory is not None and self.memory.filled > 0:
+            out.memory_ids, out.memory_vecs = self.memory.contents()
+            out.memory_log_q = self._log_q(out.memory_ids)
         if self.sampler is not None:
             out.shared_ids = self.sampler.sample(self.neg.mixed, self.gen)  # (M,)
             out.shared_log_q = self._log_q(out.shared_ids)

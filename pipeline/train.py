@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from pipeline.config import LossConfig, ModelConfig, NegativesConfig, TrainConfig, section_hash
 from pipeline.data import FeatureTensors, iterate_batches, load_feature_tensors, load_pairs
 from pipeline.metrics import UserItems, recall_ndcg, topk_exact
-from pipeline.negatives import Negatives
+from pipeline.negatives import BatchNegatives, Negatives
 from pipeline.rundir import (
     BEST_CHECKPOINT,
     CHECKPOINT,
@@ -250,6 +250,7 @@ def _checkpoint(st: _State, phase: str, epoch: int, spec_hash: str, tcfg: TowerC
         "estimator": (
             st.negatives.estimator.state_dict() if st.negatives.estimator is not None else None
         ),
+        "memory": st.negatives.memory.state_dict() if st.negatives.memory is not None else None,
         "epoch": epoch,
         "history": st.history,
         "best": st.best,
@@ -265,8 +266,31 @@ def _restore(st: _State, ckpt: dict[str, Any]) -> None:
     torch.set_rng_state(ckpt["torch_rng"])
     if st.negatives.estimator is not None and ckpt.get("estimator") is not None:
         st.negatives.estimator.load_state_dict(ckpt["estimator"])
+    if ckpt.get("memory") is not None:
+        st.negatives.load_memory(ckpt["memory"])
     st.history, st.best, st.best_epoch = ckpt["history"], ckpt["best"], ckpt["best_epoch"]
     st.start_epoch = ckpt["epoch"] + 1
+
+
+def _shared_negatives(model: TwoTower, ft: FeatureTensors, nb: BatchNegatives) -> dict[str, Any]:
+    """The loss's shared-negative arguments: sampled items (encoded now) + the memory."""
+    vecs, ids, log_q = [], [], []
+    if nb.shared_ids is not None:
+        vecs.append(model.encode_items(ft.item_batch(nb.shared_ids)))  # (M, D)
+        ids.append(nb.shared_ids)
+        log_q.append(nb.shared_log_q)
+    if nb.memory_ids is not None:
+        vecs.append(nb.memory_vecs)  # (F, D) detached: no item-tower gradient
+        ids.append(nb.memory_ids)
+        log_q.append(nb.memory_log_q)
+    if not vecs:
+        return {}
+    corrected = all(q is not None for q in log_q)
+    return {
+        "shared_neg": torch.cat(vecs),  # (M + F, D)
+        "shared_neg_ids": torch.cat(ids),  # (M + F,)
+        "shared_log_q": torch.cat(log_q) if corrected else None,  # type: ignore[arg-type]
+    }
 
 
 def _mine(st: _State, ft: FeatureTensors, phase: _Phase, seed: int) -> dict[str, float]:
@@ -315,6 +339,7 @@ def _run_phase(
             if st.negatives.wants_mining(epoch):
                 row.update(_mine(st, ft, phase, cfg.seed + epoch))
             use_hard = neg.hard > 0 and epoch >= neg.hard_start_epoch
+            use_memory = st.negatives.wants_memory(epoch)
             st.model.train()
             e0, total, n = time.time(), 0.0, 0
             bar.reset(task, total=steps_per_epoch, epoch=epoch, loss=float("nan"))
@@ -325,12 +350,8 @@ def _run_phase(
                 ub["exclude"] = i
                 user_vec = st.model.encode_users(ub)  # (B, dim)
                 item_vec = st.model.encode_items(ft.item_batch(i))  # (B, dim)
-                nb = st.negatives.batch(u, i, use_hard)
-                extra: dict[str, Any] = {}
-                if nb.shared_ids is not None:
-                    extra["shared_neg"] = st.model.encode_items(ft.item_batch(nb.shared_ids))
-                    extra["shared_neg_ids"] = nb.shared_ids  # (M,)
-                    extra["shared_log_q"] = nb.shared_log_q
+                nb = st.negatives.batch(u, i, use_hard, use_memory)
+                extra = _shared_negatives(st.model, ft, nb)
                 if nb.hard_ids is not None:
                     b, k = nb.hard_ids.shape
                     flat = nb.hard_ids.clamp_min(0).reshape(-1)  # (B*K,) -1 -> OOV row
@@ -350,6 +371,7 @@ def _run_phase(
                 st.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 st.opt.step()
+                st.negatives.remember(i, item_vec.detach())
                 total, n = total + loss.item(), n + 1
                 bar.update(task, advance=1, loss=total / n)
             row.update({"loss": total / max(n, 1), "epoch_seconds": time.time() - e0})

@@ -1,4 +1,5 @@
-"""The model, pure torch: the two towers, their losses, negative samplers, frequency estimator."""
+"""The model, pure torch: the two towers, their losses, negative samplers, frequency estimator,
+item memory."""
 
 from towers.frequency import StreamingFrequencyEstimator
 from towers.losses import (
@@ -10,6 +11,7 @@ from towers.losses import (
     log_q_from_counts,
     mixed_log_q,
 )
+from towers.memory import ItemMemory
 from towers.model import (
     AttrSpec,
     ItemTower,
@@ -26,6 +28,7 @@ __all__ = [
     "AttrSpec",
     "CatalogueSampler",
     "CosineContrastiveLoss",
+    "ItemMemory",
     "ItemTower",
     "SampledSoftmaxLoss",
     "StreamingFrequencyEstimator",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data import load_feature_tensors, load_pairs
 from pipeline.metrics import UserItems, popularity_topk, recall_ndcg
-from pipeline.rundir import BEST_CHECKPOINT, TRAIN_HISTORY, RunDir, read_json
+from pipeline.rundir import BEST_CHECKPOINT, CHECKPOINT, TRAIN_HISTORY, RunDir, read_json
 from pipeline.runner import run_stage
 from pipeline.train import TrainSpec, train_stage
 
@@ -60,6 +61,8 @@ def _train(run: RunDir, *overrides: str):
         ["loss.name=triplet", "loss.margin=0.2", "train.lr=0.02"],
         ["loss.name=ccl", "loss.ccl_margin=0.4", "loss.ccl_negative_weight=50"],
         ["loss.learnable_temperature=true"],
+        ["negatives.memory=256", "negatives.memory_start_epoch=1"],
+        ["negatives.memory=128", "negatives.mixed=32", "loss.logq_source=streaming"],
         ["model.combine=gated", "model.gate_learnable=true", "model.user_attributes=false"],
     ],
     ids=lambda o: ",".join(o),
@@ -145,3 +148,39 @@ def test_logq_weight_scales_the_correction() -> None:
     assert torch.equal(out[0.0], torch.zeros(3))
     # full weight: log of the expected count per batch, B * count / total
     assert torch.allclose(out[1.0], torch.log(8 * counts[ids] / counts.sum()), atol=1e-5)
+
+
+def test_memory_enlarges_the_popularity_drawn_pool_in_logq() -> None:
+    from pipeline.config import LossConfig, NegativesConfig
+    from pipeline.negatives import Negatives
+
+    counts = torch.tensor([0.0, 5.0, 1.0, 30.0])
+    ids = torch.tensor([1, 2, 3])
+    neg = Negatives(NegativesConfig(memory=24), LossConfig(), counts, 8, torch.Generator())
+    nb = neg.batch(torch.tensor([1, 1, 2]), ids, use_hard=False, use_memory=True)
+    assert nb.memory_ids is None  # nothing remembered yet
+    assert torch.allclose(nb.log_q_pos, torch.log(32 * counts[ids] / counts.sum()), atol=1e-5)
+    neg.remember(ids, torch.eye(3))
+    nb = neg.batch(torch.tensor([1]), torch.tensor([2]), use_hard=False, use_memory=True)
+    assert nb.memory_ids.tolist() == [1, 2, 3] and torch.equal(nb.memory_vecs, torch.eye(3))
+    assert torch.allclose(nb.memory_log_q, torch.log(32 * counts[ids] / counts.sum()), atol=1e-5)
+
+
+def test_resume_with_memory_continues_exactly(features_run: RunDir, tmp_path: Path) -> None:
+    over = ["negatives.memory=200", "negatives.memory_start_epoch=0", "train.patience=10"]
+    _train(features_run, *over)  # 4 epochs straight
+    straight = torch.load(features_run.path(CHECKPOINT), weights_only=False)
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(features_run.root, run.root)
+    _train(run, *over, "train.epochs=2")
+    ckpt = torch.load(run.path(CHECKPOINT), weights_only=False)
+    assert ckpt["memory"]["filled"] == 200
+    cfg = load_config(CONFIGS / "tiny.yaml", ["tracking.enabled=false", "train.epochs=4", *over])
+    spec = TrainSpec(cfg.model, cfg.loss, cfg.negatives, cfg.train)
+    ckpt["spec_hash"] = spec.hash()  # the same run, told to go on to epoch 4
+    torch.save(ckpt, run.path(CHECKPOINT))
+    train_stage(spec, run, resume=True)
+    resumed = torch.load(run.path(CHECKPOINT), weights_only=False)
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert torch.equal(straight["memory"]["vecs"], resumed["memory"]["vecs"])
