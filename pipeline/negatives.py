@@ -48,9 +48,9 @@ class Negatives:
     candidate is corrected by the mixture's expected count log(B·q + M·q_s) (Yang et al.,
     WWW 2020), so in-batch and sampled candidates are treated alike. Items in the cross-batch
     memory (``negatives.memory`` = M, ``towers.ItemMemory``) were earlier batches' positives,
-    drawn like the in-batch ones: they enlarge the popularity-drawn pool to B + M. ``loss.logq_weight``
-    scales the correction: 1 is the paper's, 0 none; in between keeps part of the popularity
-    prior that in-batch sampling imposes.
+    drawn like the in-batch ones: they enlarge the popularity-drawn pool to B + M.
+    ``loss.logq_weight`` scales the correction: 1 is the paper's, 0 none; in between keeps
+    part of the popularity prior that in-batch sampling imposes.
     """
 
     def __init__(

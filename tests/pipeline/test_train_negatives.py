@@ -140,9 +140,7 @@ def test_logq_weight_scales_the_correction() -> None:
     ids = torch.tensor([1, 2, 3])
     out = {}
     for w in (1.0, 0.5, 0.0):
-        neg = Negatives(
-            NegativesConfig(), LossConfig(logq_weight=w), counts, 8, torch.Generator()
-        )
+        neg = Negatives(NegativesConfig(), LossConfig(logq_weight=w), counts, 8, torch.Generator())
         out[w] = neg.batch(torch.tensor([1, 1, 2]), ids, use_hard=False).log_q_pos
     assert torch.allclose(out[0.5], 0.5 * out[1.0])
     assert torch.equal(out[0.0], torch.zeros(3))
