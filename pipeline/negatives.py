@@ -70,7 +70,9 @@ class Negatives:
                 if neg.mixed_alpha == 0
                 else CatalogueSampler.from_counts(counts, neg.mixed_alpha)
             )
-        use_logq = loss.logq and loss.name == "softmax"
+        # nothing drawn from a known distribution (only mined negatives): nothing to correct
+        drawn = (batch_size if neg.in_batch else 0) + neg.memory + neg.mixed
+        use_logq = loss.logq and loss.name == "softmax" and drawn > 0
         self.estimator: StreamingFrequencyEstimator | None = None
         self.table: torch.Tensor | None = None  # (n_items,) log expected count per batch
         if use_logq and loss.logq_source == "streaming":
@@ -79,13 +81,16 @@ class Negatives:
         elif use_logq:
             q = counts.double() / counts.sum().clamp_min(1)  # (n_items,)
             qs = self.sampler.probability.double() if self.sampler else torch.zeros_like(q)
-            pool = batch_size + neg.memory  # in-batch and memory items are popularity-drawn
-            self.table = mixed_log_q(q, qs, pool, neg.mixed).float()
+            self.table = mixed_log_q(q, qs, self._popularity_pool(), neg.mixed).float()
         self.memory: ItemMemory | None = None  # created at the first push (needs the dim)
         self.pool: HardNegativePool | None = None
         self.mined_user: dict[int, int] = {}
         self.user_vecs: torch.Tensor | None = None  # (U, D) at mining time
         self.item_vecs: torch.Tensor | None = None  # (n_items, D) at mining time
+
+    def _popularity_pool(self) -> int:
+        """How many candidates per batch are drawn by popularity: in-batch ones + memory."""
+        return (self.batch_size if self.neg.in_batch else 0) + self.neg.memory
 
     def _log_q(self, ids: torch.Tensor) -> torch.Tensor | None:
         w = self.loss.logq_weight
@@ -96,7 +101,7 @@ class Negatives:
             # pi = 1 - exp(-lambda), so lambda = -log(1 - pi) is its expected count per batch
             # (≈ B·q), the same scale as the counts path's B·q
             pi = self.estimator.probability(ids).double().clamp(1e-12, 1 - 1e-6)  # (n,)
-            lam = -torch.log1p(-pi) * (1 + self.neg.memory / self.batch_size)  # B + M draws
+            lam = -torch.log1p(-pi) * (self._popularity_pool() / self.batch_size)
             if self.sampler is not None:
                 lam = lam + self.neg.mixed * self.sampler.probability.index_select(0, ids)
             return torch.log(lam).float() * w

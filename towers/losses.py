@@ -83,7 +83,8 @@ def mixed_log_q(
     distribution and get no correction.
 
     q (n_items,) data distribution (sums to 1); sampler_q (n_items,) the shared sampler's
-    distribution (sums to 1; zeros when M = 0); batch_size B >= 1; n_sampled M >= 0.
+    distribution (sums to 1; zeros when M = 0); batch_size B >= 0 (0: no in-batch
+    candidates); n_sampled M >= 0; B + M >= 1.
     Returns (n_items,) in the promoted floating dtype of q and sampler_q. The floor keeps items
     that neither source can draw finite.
     """
@@ -92,9 +93,10 @@ def mixed_log_q(
             f"q and sampler_q must be 1-D (n_items,) of the same length, got "
             f"{tuple(q.shape)} and {tuple(sampler_q.shape)}"
         )
-    if batch_size < 1 or n_sampled < 0:
+    if batch_size < 0 or n_sampled < 0 or batch_size + n_sampled < 1:
         raise ValueError(
-            f"batch_size must be >= 1 and n_sampled >= 0, got {batch_size} and {n_sampled}"
+            f"batch_size and n_sampled must be >= 0 with at least one candidate, got "
+            f"{batch_size} and {n_sampled}"
         )
     if bool((q < 0).any()) or bool((sampler_q < 0).any()):
         raise ValueError("q and sampler_q are probabilities: they must be non-negative")

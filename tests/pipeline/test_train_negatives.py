@@ -182,3 +182,19 @@ def test_resume_with_memory_continues_exactly(features_run: RunDir, tmp_path: Pa
     for k, v in straight["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
     assert torch.equal(straight["memory"]["vecs"], resumed["memory"]["vecs"])
+
+
+def test_logq_without_in_batch_counts_only_the_sampled_pool() -> None:
+    from pipeline.config import LossConfig, NegativesConfig
+    from pipeline.negatives import Negatives
+
+    counts = torch.tensor([0.0, 5.0, 1.0, 30.0])
+    ids = torch.tensor([1, 2, 3])
+    uniform = NegativesConfig(in_batch=False, mixed=6)
+    nb = Negatives(uniform, LossConfig(), counts, 8, torch.Generator()).batch(ids, ids, False)
+    # uniform over the 3 real items (row 0 is OOV): each is expected 6/3 times, whatever its
+    # popularity
+    assert torch.allclose(nb.log_q_pos, torch.full((3,), float(np.log(6 / 3))), atol=1e-6)
+    hard_only = NegativesConfig(in_batch=False, hard=2)
+    nb = Negatives(hard_only, LossConfig(), counts, 8, torch.Generator()).batch(ids, ids, False)
+    assert nb.log_q_pos is None  # nothing drawn from a distribution: no correction

@@ -659,8 +659,12 @@ def test_mixed_log_q_arguments():
     q = torch.full((3,), 1 / 3)
     with pytest.raises(ValueError, match="same length"):
         mixed_log_q(q, torch.ones(4) / 4, 2, 1)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        mixed_log_q(q, q, 0, 0)
     with pytest.raises(ValueError, match="batch_size"):
-        mixed_log_q(q, q, 0, 1)
+        mixed_log_q(q, q, -1, 3)
+    # no in-batch candidates: only the sampler's share
+    assert torch.allclose(mixed_log_q(q, q, 0, 3), torch.zeros(3), atol=1e-7)
     with pytest.raises(ValueError, match="non-negative"):
         mixed_log_q(-q, q, 2, 1)
 
