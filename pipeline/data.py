@@ -68,6 +68,8 @@ class FeatureTensors:
     pop_train: torch.Tensor  # (n_items,) int64 train counts
     pop_all: torch.Tensor  # (n_items,) int64 train + valid counts
     meta: dict[str, Any]
+    audience_train: torch.Tensor | None = None  # (n_items, A) int64 user rows, 0 = padding
+    audience_all: torch.Tensor | None = None  # (n_items, A) train + valid users
 
     def user_batch(self, user_idx: torch.Tensor, history: str = "train") -> dict[str, torch.Tensor]:
         """Inputs of the user tower for these users (history from 'train' or 'all')."""
@@ -77,9 +79,14 @@ class FeatureTensors:
             batch[f"ua_{name}"] = table[user_idx]
         return batch
 
-    def item_batch(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inputs of the item tower for these items."""
+    def item_batch(
+        self, item_idx: torch.Tensor, audience: str = "train"
+    ) -> dict[str, torch.Tensor]:
+        """Inputs of the item tower for these items (audience from 'train' or 'all')."""
         batch = {"item_idx": item_idx}
+        aud = self.audience_train if audience == "train" else self.audience_all
+        if aud is not None:
+            batch["audience"] = aud[item_idx]
         for name, table in self.item_attrs.items():
             batch[f"ia_{name}"] = table[item_idx]
         return batch
@@ -122,7 +129,19 @@ def load_feature_tensors(run: RunDir) -> FeatureTensors:
             _scatter_rows(iidx, items["pop_all"].to_numpy().astype(np.int64), n_items)
         ),
         meta=meta,
+        audience_train=_audience(items, iidx, "audience_train", meta, n_items),
+        audience_all=_audience(items, iidx, "audience_all", meta, n_items),
     )
+
+
+def _audience(
+    items: pl.DataFrame, iidx: np.ndarray, column: str, meta: dict[str, Any], n_items: int
+) -> torch.Tensor | None:
+    """(n_items, audience_len) padded user rows of ``column``; None when audiences are off."""
+    width = int(meta.get("audience_len", 0))
+    if width == 0:
+        return None
+    return torch.from_numpy(_scatter_rows(iidx, padded(items[column], width), n_items))
 
 
 def load_pairs(run: RunDir, splits: list[str]) -> tuple[np.ndarray, np.ndarray]:

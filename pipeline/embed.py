@@ -1,8 +1,9 @@
 """The embed stage: vectors of every item and of every user to evaluate, from the best model.
 
 Items are rows 1..n_items-1 of the item vocabulary (row 0 is out-of-vocabulary and is never
-retrieved). Users are those with at least one test event, encoded with their train+valid
-history: the same inputs serving gives the exported user tower.
+retrieved), encoded with their train+valid audience. Users are those with at least one test
+event, encoded with their train+valid history: the same inputs serving gives the exported user
+tower.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
     t0 = time.time()
     model, ckpt = load_model(run.path(BEST_CHECKPOINT))
     ft = load_feature_tensors(run)
-    item_vecs = encode_items(model, ft, batch_size).numpy()  # (n_items - 1, dim)
+    item_vecs = encode_items(model, ft, "all", batch_size).numpy()  # (n_items - 1, dim)
     test_users, _ = load_pairs(run, ["test"])
     users = np.unique(test_users)
     users = users[users > 0]

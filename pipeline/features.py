@@ -12,7 +12,9 @@ Outputs (paths from :mod:`pipeline.rundir`):
 - ``USER_FEATURES``: one row per user index 1..n: ``history_train`` / ``history_all`` (the last
   ``history_len`` item indices of the user's train / train+valid events, oldest -> newest),
   plus encoded attributes. ``ITEM_FEATURES``: one row per item index 1..n with ``pop_train`` /
-  ``pop_all`` (event counts) and encoded attributes.
+  ``pop_all`` (event counts), ``audience_train`` / ``audience_all`` (the last ``audience_len``
+  user indices of the item's train / train+valid events by time, oldest -> newest) and encoded
+  attributes.
 - ``FEATURE_META``: sizes (including the OOV row), attribute vocabularies, split counts.
 
 Attributes are encoded the same way everywhere (see :func:`fit_attributes` and
@@ -186,6 +188,22 @@ def histories(
         events.filter(pl.col("split").is_in(splits))
         .group_by("user_idx")
         .agg(pl.col("item_idx").tail(history_len).alias(name))
+    )
+
+
+def audiences(
+    events: pl.LazyFrame, splits: tuple[str, ...], audience_len: int, name: str
+) -> pl.LazyFrame:
+    """Each item's last ``audience_len`` user indices over ``splits``, oldest -> newest.
+
+    The item-side mirror of :func:`histories`: the users who most recently interacted with the
+    item, ordered by timestamp (ties by user index, so it is deterministic). Items without such
+    events are absent (the caller fills empty lists).
+    """
+    return (
+        events.filter(pl.col("split").is_in(splits))
+        .group_by("item_idx")
+        .agg(pl.col("user_idx").sort_by("timestamp", "user_idx").tail(audience_len).alias(name))
     )
 
 
@@ -369,9 +387,15 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         .sort("user_idx")
         .collect()
     )
+    aud_len = cfg.audience_len
     items = (
         item_rows.join(popularity(ev), on="item_idx", how="left")
-        .with_columns(pl.col("pop_train", "pop_all").fill_null(0))
+        .join(audiences(ev, ("train",), aud_len, "audience_train"), on="item_idx", how="left")
+        .join(audiences(ev, ("train", "valid"), aud_len, "audience_all"), on="item_idx", how="left")
+        .with_columns(
+            pl.col("pop_train", "pop_all").fill_null(0),
+            pl.col("audience_train", "audience_all").fill_null(_EMPTY_CODES),
+        )
         .sort("item_idx")
         .collect()
     )
@@ -399,6 +423,7 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         "n_users": n_users + 1,
         "n_items": n_items + 1,
         "history_len": cfg.history_len,
+        "audience_len": cfg.audience_len,
         "user_attrs": user_attrs,
         "item_attrs": item_attrs,
         "counts": count,

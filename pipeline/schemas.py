@@ -27,5 +27,11 @@ EVENTS_KINDS = {
 }
 # features/{users,items}.parquet (features); attribute columns come on top
 USER_FEATURES_KINDS = {"user_idx": "int", "history_train": "list[int]", "history_all": "list[int]"}
-ITEM_FEATURES_KINDS = {"item_idx": "int", "pop_train": "int", "pop_all": "int"}
+ITEM_FEATURES_KINDS = {
+    "item_idx": "int",
+    "pop_train": "int",
+    "pop_all": "int",
+    "audience_train": "list[int]",
+    "audience_all": "list[int]",
+}
 SPLITS = ("train", "valid", "test")  # split values of the events artifact

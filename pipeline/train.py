@@ -73,6 +73,9 @@ def tower_config(model: ModelConfig, meta: dict[str, Any]) -> TowerConfig:
         dim=model.dim,
         user_id=model.user_id,
         user_history=model.user_history and int(meta["history_len"]) > 0,
+        item_audience=model.item_audience
+        and model.user_id
+        and int(meta.get("audience_len", 0)) > 0,
         user_attrs=specs(meta.get("user_attrs", {}), model.user_attributes),
         item_id=model.item_id,
         item_attrs=specs(meta.get("item_attrs", {}), model.item_attributes),
@@ -104,12 +107,15 @@ def _tower_kwargs(d: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def encode_items(model: TwoTower, ft: FeatureTensors, batch_size: int = 8192) -> torch.Tensor:
-    """Vectors of item rows 1..n_items-1 (row 0 is the OOV row, never retrieved)."""
+def encode_items(
+    model: TwoTower, ft: FeatureTensors, audience: str, batch_size: int = 8192
+) -> torch.Tensor:
+    """Vectors of item rows 1..n_items-1 (row 0 is the OOV row, never retrieved), with their
+    train-only or train+valid audience."""
     model.eval()
     ids = torch.arange(1, ft.n_items)
     out = [
-        model.encode_items(ft.item_batch(ids[s : s + batch_size]))
+        model.encode_items(ft.item_batch(ids[s : s + batch_size], audience))
         for s in range(0, len(ids), batch_size)
     ]
     return torch.cat(out)  # (n_items - 1, dim)
@@ -150,7 +156,7 @@ def _validation_set(run: RunDir, tu: np.ndarray, ti: np.ndarray) -> _Validation 
 
 
 def _validate(model: TwoTower, ft: FeatureTensors, val: _Validation, k: int) -> dict[str, float]:
-    items = encode_items(model, ft).numpy()
+    items = encode_items(model, ft, "train").numpy()
     users = encode_users(model, ft, val.users, "train").numpy()
     ids = np.arange(1, ft.n_items, dtype=np.int64)
     top = topk_exact(users, items, ids, val.exclude, k)
@@ -204,7 +210,7 @@ class _Phase:
     name: str  # "select" or "refit"
     users: torch.Tensor  # (n,) int64 user of each training event
     items: torch.Tensor  # (n,) int64 item of each training event
-    history: str  # which history the user tower sees: "train" or "all"
+    history: str  # which history / audience the towers see: "train" or "all"
     counts: torch.Tensor  # (n_items,) event counts of this phase's data (logQ)
     epochs: int  # maximum epochs
     val: _Validation | None  # validation set (select phase only)
@@ -272,11 +278,13 @@ def _restore(st: _State, ckpt: dict[str, Any]) -> None:
     st.start_epoch = ckpt["epoch"] + 1
 
 
-def _shared_negatives(model: TwoTower, ft: FeatureTensors, nb: BatchNegatives) -> dict[str, Any]:
+def _shared_negatives(
+    model: TwoTower, ft: FeatureTensors, nb: BatchNegatives, audience: str
+) -> dict[str, Any]:
     """The loss's shared-negative arguments: sampled items (encoded now) + the memory."""
     vecs, ids, log_q = [], [], []
     if nb.shared_ids is not None:
-        vecs.append(model.encode_items(ft.item_batch(nb.shared_ids)))  # (M, D)
+        vecs.append(model.encode_items(ft.item_batch(nb.shared_ids, audience)))  # (M, D)
         ids.append(nb.shared_ids)
         log_q.append(nb.shared_log_q)
     if nb.memory_ids is not None:
@@ -296,7 +304,7 @@ def _shared_negatives(model: TwoTower, ft: FeatureTensors, nb: BatchNegatives) -
 def _mine(st: _State, ft: FeatureTensors, phase: _Phase, seed: int) -> dict[str, float]:
     """Mine hard negatives for every training user of the phase with the current model."""
     users = np.unique(phase.users.numpy())
-    items = encode_items(st.model, ft).numpy()
+    items = encode_items(st.model, ft, phase.history).numpy()
     user_vecs = encode_users(st.model, ft, torch.from_numpy(users), phase.history).numpy()
     positives = UserItems.for_users(users, phase.users.numpy(), phase.items.numpy())
     st.model.train()
@@ -349,13 +357,16 @@ def _run_phase(
                 ub = ft.user_batch(u, phase.history)
                 ub["exclude"] = i
                 user_vec = st.model.encode_users(ub)  # (B, dim)
-                item_vec = st.model.encode_items(ft.item_batch(i))  # (B, dim)
+                ib = ft.item_batch(i, phase.history)
+                ib["exclude_user"] = u  # the row's user out of its item's audience
+                item_vec = st.model.encode_items(ib)  # (B, dim)
                 nb = st.negatives.batch(u, i, use_hard, use_memory)
-                extra = _shared_negatives(st.model, ft, nb)
+                extra = _shared_negatives(st.model, ft, nb, phase.history)
                 if nb.hard_ids is not None:
                     b, k = nb.hard_ids.shape
                     flat = nb.hard_ids.clamp_min(0).reshape(-1)  # (B*K,) -1 -> OOV row
-                    extra["hard_neg"] = st.model.encode_items(ft.item_batch(flat)).reshape(b, k, -1)
+                    hard = st.model.encode_items(ft.item_batch(flat, phase.history))
+                    extra["hard_neg"] = hard.reshape(b, k, -1)  # (B, K, dim)
                     extra["hard_neg_ids"] = nb.hard_ids  # (B, K)
                     extra["hard_valid"] = nb.hard_valid  # (B, K)
                 loss = st.loss_fn(

@@ -3,7 +3,13 @@
 Each tower embeds a few *parts* and combines them into one ``dim``-sized vector:
 
 - user tower: user id, the mean of the user's recent items (its history), user attributes;
-- item tower: item id, item attributes.
+- item tower: item id, the mean of the item's recent users' id embeddings (its audience), item
+  attributes.
+
+The history and the audience pool the *other* tower's id table, so a user vector already
+carries its items' embeddings and an item vector its users': one step of the neighbourhood
+smoothing that graph models such as LightGCN (He et al., SIGIR 2020) get from propagation,
+computed inside each tower. In training the row's own pair is left out of both means.
 
 Every part is a ``dim``-sized vector. ``combine="sum"`` adds the parts (then an MLP and a final
 ``Linear(dim)`` when ``hidden`` is non-empty); ``combine="concat"`` concatenates them and always
@@ -67,6 +73,7 @@ class TowerConfig:
     user_attrs: list[AttrSpec] = field(default_factory=list)  # user tower: attribute embeddings
     item_id: bool = True  # item tower: item id embedding
     item_attrs: list[AttrSpec] = field(default_factory=list)  # item tower: attribute embeddings
+    item_audience: bool = False  # item tower: masked mean of its users' id embeddings (user_id)
     share_item_embeddings: bool = True  # history pools the item tower's id table (needs item_id)
     combine: str = "sum"  # "sum": parts summed; "concat": concat -> MLP -> Linear; "gated": SimpleX
     gate: float = 0.5  # gated: weight g of the user id embedding, 1 - g of the history side
@@ -107,6 +114,11 @@ class TowerConfig:
                 "the user tower has no input: set user_id=True or user_history=True, or give "
                 "user_attrs (pipeline config: model.user_id, model.user_history or "
                 "model.user_attributes with user attributes in the data)"
+            )
+        if self.item_audience and not self.user_id:
+            raise ValueError(
+                "item_audience pools the user tower's id embeddings: it needs user_id=True "
+                "(pipeline config: model.user_id, or model.item_audience=false)"
             )
         if not (self.item_id or self.item_attrs):
             raise ValueError(
@@ -321,15 +333,29 @@ class UserTower(nn.Module):
 
     ``item_table``: the item tower's id table to pool the history from (``TwoTower`` passes it
     when ``cfg.share_item_embeddings`` and ``cfg.item_id``); when None and the history is on,
-    the user tower owns its own (n_items, dim) history table.
+    the user tower owns its own (n_items, dim) history table. ``id_table``: the user id table
+    when it is shared with the item tower's audience (``TwoTower`` passes it); None: own one.
     """
 
-    def __init__(self, cfg: TowerConfig, item_table: nn.Embedding | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TowerConfig,
+        item_table: nn.Embedding | None = None,
+        id_table: nn.Embedding | None = None,
+    ) -> None:
         super().__init__()
         self.dim = cfg.dim
         self.normalize = cfg.normalize
         self.attr_names = [s.name for s in cfg.user_attrs]
-        self.id_emb = _embedding(cfg.n_users, cfg.dim, cfg.init_std) if cfg.user_id else None
+        if id_table is not None and tuple(id_table.weight.shape) != (cfg.n_users, cfg.dim):
+            raise ValueError(
+                f"id_table has shape {tuple(id_table.weight.shape)}, expected "
+                f"(n_users, dim) = ({cfg.n_users}, {cfg.dim})"
+            )
+        self.id_emb = None
+        if cfg.user_id:
+            own = id_table is None
+            self.id_emb = _embedding(cfg.n_users, cfg.dim, cfg.init_std) if own else id_table
         self.history_emb: nn.Embedding | None = None
         if cfg.user_history:
             if item_table is None:
@@ -386,24 +412,59 @@ class UserTower(nn.Module):
 
 
 class ItemTower(nn.Module):
-    """Item id + item attributes -> (B, dim); with ``combine="gated"`` the parts are summed."""
+    """Item id + mean of the audience's user embeddings + item attributes -> (B, dim).
 
-    def __init__(self, cfg: TowerConfig) -> None:
+    With ``combine="gated"`` the parts are summed. ``user_table``: the user tower's id table
+    the audience pools (``TwoTower`` passes it); when None and the audience is on, the tower
+    owns its own (n_users, dim) audience table.
+    """
+
+    def __init__(self, cfg: TowerConfig, user_table: nn.Embedding | None = None) -> None:
         super().__init__()
         self.dim = cfg.dim
         self.normalize = cfg.normalize
         self.attr_names = [s.name for s in cfg.item_attrs]
         self.id_emb = _embedding(cfg.n_items, cfg.dim, cfg.init_std) if cfg.item_id else None
+        self.audience_emb: nn.Embedding | None = None
+        if cfg.item_audience:
+            if user_table is None:
+                user_table = _embedding(cfg.n_users, cfg.dim, cfg.init_std)
+            elif tuple(user_table.weight.shape) != (cfg.n_users, cfg.dim):
+                raise ValueError(
+                    f"user_table has shape {tuple(user_table.weight.shape)}, expected "
+                    f"(n_users, dim) = ({cfg.n_users}, {cfg.dim})"
+                )
+            self.audience_emb = user_table
         self.attrs = _AttrEmbeddings(cfg.item_attrs, cfg.dim, cfg.init_std, ITEM_ATTR_PREFIX)
-        self.combine = _Combine(int(cfg.item_id) + len(cfg.item_attrs), cfg)
+        n_parts = int(cfg.item_id) + int(cfg.item_audience) + len(cfg.item_attrs)
+        self.combine = _Combine(n_parts, cfg)
 
-    def forward(self, item_idx: Tensor | None, attrs: dict[str, Tensor] | None = None) -> Tensor:
-        """item_idx (B,) int64; attrs as for UserTower. Returns (B, dim)."""
+    def forward(
+        self,
+        item_idx: Tensor | None,
+        attrs: dict[str, Tensor] | None = None,
+        audience: Tensor | None = None,
+        exclude_user: Tensor | None = None,
+    ) -> Tensor:
+        """Encode items.
+
+        item_idx (B,) int64; attrs as for UserTower; audience (B, A) int64 user rows, 0 =
+        padding; exclude_user (B,) int64: a user left out of row b's audience mean (training
+        passes the row's user, as the user tower leaves the positive out of the history).
+        Returns (B, dim).
+        """
         parts: list[Tensor] = []
         if self.id_emb is not None:
             if item_idx is None:
                 raise ValueError("the item tower has item_id=True but item_idx is None")
             parts.append(self.id_emb(item_idx))  # (B, D)
+        if self.audience_emb is not None:
+            if audience is None:
+                raise ValueError("the item tower has item_audience=True but audience is None")
+            keep = audience != 0  # (B, A) padding out
+            if exclude_user is not None:
+                keep = keep & (audience != exclude_user.unsqueeze(1))  # (B, A) own user out
+            parts.append(masked_mean_embedding(self.audience_emb.weight, audience, keep))
         if self.attr_names:
             parts.extend(self.attrs(attrs or {}))  # each (B, D)
         x = self.combine(parts)  # (B, D)
@@ -454,15 +515,18 @@ class TwoTower(nn.Module):
     """Both towers; ``encode_users`` / ``encode_items`` read the batch dicts of the data stage.
 
     User batch keys: "user_idx" (B,), "history" (B, H), optional "exclude" (B,), "ua_<name>".
-    Item batch keys: "item_idx" (B,), "ia_<name>". Extra keys are ignored.
+    Item batch keys: "item_idx" (B,), "audience" (B, A), optional "exclude_user" (B,),
+    "ia_<name>". Extra keys are ignored.
     """
 
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.item_tower = ItemTower(cfg)
+        # the audience pools the user tower's id table: made here, handed to both towers
+        user_ids = _embedding(cfg.n_users, cfg.dim, cfg.init_std) if cfg.item_audience else None
+        self.item_tower = ItemTower(cfg, user_table=user_ids)
         shared = self.item_tower.id_emb if cfg.shares_item_table else None
-        self.user_tower = UserTower(cfg, item_table=shared)
+        self.user_tower = UserTower(cfg, item_table=shared, id_table=user_ids)
 
     @classmethod
     def from_config(cls, cfg: TowerConfig | dict[str, Any]) -> TwoTower:
@@ -479,7 +543,9 @@ class TwoTower(nn.Module):
     def encode_items(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, dim) item vectors from an item batch dict."""
         attrs = _attrs_from_batch(batch, self.item_tower.attr_names, ITEM_ATTR_PREFIX)
-        return self.item_tower(batch.get("item_idx"), attrs)
+        return self.item_tower(
+            batch.get("item_idx"), attrs, batch.get("audience"), batch.get("exclude_user")
+        )
 
     def forward(
         self, user_batch: dict[str, Tensor], item_batch: dict[str, Tensor]
