@@ -84,7 +84,7 @@ class ModelConfig(_Strict):
     user_attributes: bool = True  # user attribute embeddings
     item_id: bool = True  # item id embedding
     item_attributes: bool = True  # item attribute embeddings
-    item_audience: bool = True  # mean-pooled user id embeddings of the item's recent users
+    item_audience: bool = False  # mean-pooled user id embeddings of the item's recent users
     share_item_embeddings: bool = True  # history uses the item tower's id table
     combine: Literal["sum", "concat", "gated"] = "sum"  # sum parts; concat+project; SimpleX gate
     gate: float = Field(0.5, ge=0, le=1)  # gated: weight g of the id embedding (1-g: history)
