@@ -32,6 +32,7 @@ from pipeline.rundir import (
     USER_VOCAB,
     ArtifactError,
     RunDir,
+    read_json,
     read_parquet,
     write_json,
     write_parquet,
@@ -349,6 +350,35 @@ def test_history_and_popularity_match_reference(tmp_path: Path, history_len: int
     assert items["pop_train"].to_list() == [pop_train[i] for i in items["item_idx"]]
     assert items["pop_all"].to_list() == [pop_all[i] for i in items["item_idx"]]
     assert items.schema["pop_train"] == pl.Int64
+
+
+@pytest.mark.parametrize("audience_len", [0, 3, 50])
+def test_audience_matches_reference(tmp_path: Path, audience_len: int) -> None:
+    inter = make_interactions(seed=7, n_users=20)
+    cfg = FeaturesConfig(audience_len=audience_len, valid_fraction=0.3)
+    run, out = run_features(tmp_path, cfg, inter)
+    rows = out["events"].select("user_idx", "item_idx", "timestamp", "split").rows()
+    # reference: each item's users by (timestamp, user index), train / train+valid only
+    aud: dict[str, dict[int, list]] = {"train": defaultdict(list), "all": defaultdict(list)}
+    for uidx, iidx, _, split in sorted(rows, key=lambda r: (r[2], r[0])):
+        if split == "train":
+            aud["train"][iidx].append(uidx)
+        if split in ("train", "valid"):
+            aud["all"][iidx].append(uidx)
+
+    def tail(xs: list[int]) -> list[int]:
+        return xs[-audience_len:] if audience_len else []
+
+    items = out["items"]
+    assert items.schema["audience_train"] == pl.List(pl.Int32)
+    for iidx, a_train, a_all in items.select("item_idx", "audience_train", "audience_all").rows():
+        assert a_train == tail(aud["train"][iidx]), iidx
+        assert a_all == tail(aud["all"][iidx]), iidx
+    # the audience never holds a user whose only tie to the item is a held-out event
+    train_pairs = {(u, i) for u, i, _, s in rows if s == "train"}
+    for iidx, a_train in items.select("item_idx", "audience_train").rows():
+        assert all((u, iidx) in train_pairs for u in a_train)
+    assert read_json(run.path(FEATURE_META))["audience_len"] == audience_len
 
 
 def decode(codes: Any, spec: dict[str, Any]) -> Any:

@@ -62,6 +62,7 @@ def _train(run: RunDir, *overrides: str):
         ["loss.name=ccl", "loss.ccl_margin=0.4", "loss.ccl_negative_weight=50"],
         ["loss.learnable_temperature=true"],
         ["negatives.memory=256", "negatives.memory_start_epoch=1"],
+        ["model.item_audience=true"],
         ["negatives.memory=128", "negatives.mixed=32", "loss.logq_source=streaming"],
         ["model.combine=gated", "model.gate_learnable=true", "model.user_attributes=false"],
     ],

@@ -498,3 +498,39 @@ def test_config_from_a_checkpoint_without_the_gate_fields():
     cfg = TowerConfig.from_dict(d)
     assert (cfg.gate, cfg.gate_learnable, cfg.history_transform) == (0.5, False, True)
     assert cfg == full_config()
+
+
+# -- item audience ----------------------------------------------------------------------------
+def test_audience_pools_the_user_id_table_without_the_excluded_user():
+    cfg = TowerConfig(
+        n_users=N_USERS, n_items=N_ITEMS, dim=DIM, item_audience=True, normalize=False
+    )
+    model = TwoTower(cfg)
+    # one table, two towers: the audience trains the same user rows the user tower reads
+    assert model.item_tower.audience_emb is model.user_tower.id_emb
+    audience = torch.tensor([[3, 5, 5, 0], [7, 0, 0, 0], [2, 4, 6, 8]])
+    items = torch.tensor([1, 2, 3])
+    exclude = torch.tensor([5, 7, 0])  # row 1: nothing left; row 2: 0 excludes nothing
+    got = model.encode_items({"item_idx": items, "audience": audience, "exclude_user": exclude})
+    users = model.user_tower.id_emb.weight.detach()
+    for b in range(3):
+        want = model.item_tower.id_emb.weight[items[b]] + hand_mean(
+            users, audience[b].tolist(), {0, int(exclude[b])}
+        )
+        assert torch.allclose(got[b], want, atol=1e-6), b
+    # gradients reach the shared user rows through the item tower
+    got.sum().backward()
+    grad = model.user_tower.id_emb.weight.grad
+    assert grad[[2, 3, 4, 6, 8]].abs().sum(1).gt(0).all() and grad[5].abs().sum() == 0
+
+
+def test_audience_needs_the_user_id_and_its_input():
+    with pytest.raises(ValueError, match="item_audience.*user_id=True"):
+        TowerConfig(n_users=4, n_items=4, user_id=False, item_audience=True)
+    cfg = TowerConfig(n_users=N_USERS, n_items=N_ITEMS, dim=DIM, item_audience=True)
+    with pytest.raises(ValueError, match="audience is None"):
+        TwoTower(cfg).encode_items({"item_idx": torch.tensor([1])})
+    # a standalone item tower owns its audience table; a wrong shared one is refused
+    assert ItemTower(cfg).audience_emb.weight.shape == (N_USERS, DIM)
+    with pytest.raises(ValueError, match="user_table has shape"):
+        ItemTower(cfg, user_table=torch.nn.Embedding(3, DIM))
