@@ -141,6 +141,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(1024, ge=2)  # rows per step = in-batch negatives + 1
     lr: float = Field(3e-3, gt=0)  # AdamW learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    sampling: Literal["events", "users"] = "events"  # rows: shuffled, or a uniform user first
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> lr_min over `epochs`
     lr_min: float = Field(0.0, ge=0)  # cosine: the learning rate reached at the last epoch
     patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping

@@ -159,10 +159,46 @@ def load_pairs(run: RunDir, splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def iterate_batches(
-    n_rows: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
+    n_rows: int,
+    batch_size: int,
+    generator: torch.Generator,
+    drop_last: bool = True,
+    order: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Shuffled row indices of one epoch, ``batch_size`` at a time (seeded by ``generator``)."""
-    perm = torch.randperm(n_rows, generator=generator)  # (n_rows,)
+    """Row indices of one epoch, ``batch_size`` at a time.
+
+    ``order`` (n_rows,) is the epoch's sequence of rows (e.g. from :func:`user_balanced_rows`);
+    None: a permutation of the rows seeded by ``generator``.
+    """
+    perm = torch.randperm(n_rows, generator=generator) if order is None else order  # (n_rows,)
     stop = n_rows - n_rows % batch_size if drop_last and n_rows >= batch_size else n_rows
     for start in range(0, stop, batch_size):
         yield perm[start : start + batch_size]
+
+
+def user_balanced_rows(users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One epoch of rows drawn user first: a uniform random user, then one of its rows.
+
+    users (n,) int64, the user of each training row. Returns (n,) row indices drawn with
+    replacement, so an epoch has as many steps as with plain shuffling, but every user is
+    equally likely in a batch whatever its number of rows. The offline metrics average over
+    users, so this weighs the training loss the way the evaluation does; plain shuffling lets
+    the heaviest users dominate (the "user-uniform" sampling of many CF trainers, e.g. SimpleX
+    and the LightGCN reference code).
+    """
+    order = torch.argsort(users, stable=True)  # (n,) rows grouped by user
+    _, counts = torch.unique_consecutive(users[order], return_counts=True)  # (U,)
+    starts = torch.cumsum(counts, 0) - counts  # (U,) first position of each user in `order`
+    n = users.shape[0]
+    pick = torch.randint(0, counts.shape[0], (n,), generator=generator)  # (n,) users
+    offset = (torch.rand(n, generator=generator) * counts[pick]).long()  # (n,) < count
+    return order[starts[pick] + offset.clamp_max(counts[pick] - 1)]  # (n,)
+
+
+def user_balanced_counts(users: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(n_items,) expected draws of each item per epoch under :func:`user_balanced_rows`,
+    up to a constant: the sum over the item's rows of 1 / (its user's number of rows). The
+    logQ correction needs the distribution the in-batch candidates really come from."""
+    _, inverse, counts = torch.unique(users, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[inverse].double()  # (n,) each row's chance given its user
+    return torch.zeros(n_items, dtype=torch.float64).index_add_(0, items, weight)  # (n_items,)

@@ -23,7 +23,14 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import LossConfig, ModelConfig, NegativesConfig, TrainConfig, section_hash
-from pipeline.data import FeatureTensors, iterate_batches, load_feature_tensors, load_pairs
+from pipeline.data import (
+    FeatureTensors,
+    iterate_batches,
+    load_feature_tensors,
+    load_pairs,
+    user_balanced_counts,
+    user_balanced_rows,
+)
 from pipeline.metrics import UserItems, recall_ndcg, topk_exact
 from pipeline.negatives import BatchNegatives, Negatives
 from pipeline.rundir import (
@@ -211,7 +218,7 @@ class _Phase:
     users: torch.Tensor  # (n,) int64 user of each training event
     items: torch.Tensor  # (n,) int64 item of each training event
     history: str  # which history / audience the towers see: "train" or "all"
-    counts: torch.Tensor  # (n_items,) event counts of this phase's data (logQ)
+    counts: torch.Tensor  # (n_items,) how often each item is drawn as a positive (logQ)
     epochs: int  # maximum epochs
     val: _Validation | None  # validation set (select phase only)
 
@@ -351,7 +358,9 @@ def _run_phase(
             st.model.train()
             e0, total, n = time.time(), 0.0, 0
             bar.reset(task, total=steps_per_epoch, epoch=epoch, loss=float("nan"))
-            for step, rows in enumerate(iterate_batches(len(users), cfg.batch_size, st.gen)):
+            order = user_balanced_rows(users, st.gen) if cfg.sampling == "users" else None
+            batches = iterate_batches(len(users), cfg.batch_size, st.gen, order=order)
+            for step, rows in enumerate(batches):
                 set_lr(st.opt, learning_rate(cfg, epoch + step / steps_per_epoch))
                 u, i = users[rows], items[rows]  # (B,), (B,)
                 ub = ft.user_batch(u, phase.history)
@@ -424,6 +433,17 @@ def _run_phase(
                 )
 
 
+def _draw_counts(
+    cfg: TrainConfig, users: np.ndarray, items: np.ndarray, pop: torch.Tensor
+) -> torch.Tensor:
+    """(n_items,) how often training draws each item as a row's positive (up to a constant):
+    its event count, or with ``train.sampling: users`` the user-balanced weights. logQ and
+    popularity-shaped samplers read it."""
+    if cfg.sampling == "users":
+        return user_balanced_counts(torch.from_numpy(users), torch.from_numpy(items), len(pop))
+    return pop
+
+
 def train_stage(
     spec: TrainSpec,
     run: RunDir,
@@ -447,7 +467,7 @@ def train_stage(
         torch.from_numpy(tu),
         torch.from_numpy(ti),
         "train",
-        ft.pop_train,
+        _draw_counts(cfg, tu, ti, ft.pop_train),
         cfg.epochs,
         val,
     )
@@ -486,7 +506,7 @@ def train_stage(
             torch.from_numpy(au),
             torch.from_numpy(ai),
             "all",
-            ft.pop_all,
+            _draw_counts(cfg, au, ai, ft.pop_all),
             select_best_epoch + 1,
             None,
         )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.data import user_balanced_counts, user_balanced_rows
 from pipeline.rundir import BEST_CHECKPOINT, CHECKPOINT, TRAIN_HISTORY, RunDir, read_json
 from pipeline.runner import run_stage
 from pipeline.train import TrainSpec, train_stage
@@ -97,3 +98,22 @@ def test_empty_train_split_is_an_error(tmp_path: Path) -> None:
     ev.write_parquet(run.path(EVENTS))
     with pytest.raises(ValueError, match="train split is empty"):
         train_stage(_spec(cfg), run)
+
+
+def test_user_balanced_rows_draw_users_uniformly_and_match_their_counts() -> None:
+    # users 0..3 with 1, 2, 5 and 12 rows; items chosen so every row is identifiable
+    users = torch.tensor([3] * 12 + [0] + [2] * 5 + [1] * 2)
+    items = torch.arange(len(users)) + 1
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([user_balanced_rows(users, g) for _ in range(3000)])  # 60,000 rows
+    per_user = torch.bincount(users[draws], minlength=4).double() / len(draws)
+    assert torch.allclose(per_user, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01)  # not 1/20 .. 12/20
+    # within a user, rows are uniform: user 3's 12 rows each ~ 1/4 * 1/12
+    per_row = torch.bincount(draws, minlength=len(users)).double() / len(draws)  # float64
+    assert torch.allclose(per_row[users == 3], torch.full((12,), 0.25 / 12, dtype=torch.float64), atol=0.004)
+    # the logQ weights are these draw frequencies up to a constant
+    weights = user_balanced_counts(users, items, len(users) + 1)[1:]
+    assert torch.allclose(weights / weights.sum(), per_row, atol=0.004)
+    assert weights[users == 0].item() == 1.0 and torch.allclose(
+        weights[users == 3], 1 / 12 * torch.ones(12, dtype=torch.float64)
+    )

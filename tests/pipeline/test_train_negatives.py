@@ -63,6 +63,8 @@ def _train(run: RunDir, *overrides: str):
         ["loss.learnable_temperature=true"],
         ["negatives.memory=256", "negatives.memory_start_epoch=1"],
         ["model.item_audience=true"],
+        ["train.sampling=users"],
+        ["train.sampling=users", "negatives.mixed=32", "negatives.mixed_alpha=0.5"],
         ["negatives.memory=128", "negatives.mixed=32", "loss.logq_source=streaming"],
         ["model.combine=gated", "model.gate_learnable=true", "model.user_attributes=false"],
     ],
