@@ -90,6 +90,7 @@ class ModelConfig(_Strict):
     gate: float = Field(0.5, ge=0, le=1)  # gated: weight g of the id embedding (1-g: history)
     gate_learnable: bool = False  # gated: learn g (a sigmoid of a scalar) instead of fixing it
     history_transform: bool = True  # gated: a learnable dim x dim map V on the pooled history
+    history_dropout: float = Field(0.0, ge=0, lt=1)  # training: drop history/audience entries
     hidden: list[int] = []  # MLP hidden sizes after the concat; [] = one linear layer
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout inside the MLP
     normalize: bool = True  # L2-normalise both towers' outputs (cosine / inner product)

@@ -91,6 +91,7 @@ def tower_config(model: ModelConfig, meta: dict[str, Any]) -> TowerConfig:
         gate=model.gate,
         gate_learnable=model.gate_learnable,
         history_transform=model.history_transform,
+        history_dropout=model.history_dropout,
         hidden=list(model.hidden),
         dropout=model.dropout,
         normalize=model.normalize,

@@ -79,6 +79,7 @@ class TowerConfig:
     gate: float = 0.5  # gated: weight g of the user id embedding, 1 - g of the history side
     gate_learnable: bool = False  # gated: g = sigmoid(w), w learnt from logit(gate); False: fixed
     history_transform: bool = True  # gated: learnable dim x dim map V (init identity) on history
+    history_dropout: float = 0.0  # training: drop each history / audience entry with this chance
     hidden: list[int] = field(default_factory=list)  # MLP hidden sizes (ReLU, dropout); [] = none
     dropout: float = 0.0  # dropout after each hidden ReLU of the MLP
     normalize: bool = True  # L2-normalise both towers' outputs
@@ -101,6 +102,10 @@ class TowerConfig:
         self._check_gate()
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"TowerConfig.hidden sizes must be >= 1, got {self.hidden}")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ValueError(
+                f"TowerConfig.history_dropout must be in [0, 1), got {self.history_dropout}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TowerConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.init_std <= 0:
@@ -191,6 +196,20 @@ def _embedding(rows: int, dim: int, std: float, padding_idx: int | None = None) 
         emb.weight.normal_(0.0, std)
         emb.weight[0].zero_()
     return emb
+
+
+def _drop_entries(keep: Tensor, p: float, training: bool) -> Tensor:
+    """``keep`` (B, L) with each kept entry dropped with chance ``p`` while training.
+
+    Dropout on the pooled list itself (as the item dropout of sequential recommenders, e.g.
+    Zhou et al., "S3-Rec", CIKM 2020, and the "mask" augmentation of Xie et al., "CL4SRec",
+    ICDE 2022): each step the tower sees a random subset of the history, so it cannot lean
+    on any single item. The masked mean renormalises over what is left; a row that loses
+    everything gets a zero vector, as an empty history does. Identity in eval mode.
+    """
+    if not training or p == 0.0:
+        return keep
+    return keep & (torch.rand(keep.shape, device=keep.device) >= p)  # (B, L)
 
 
 def masked_mean_embedding(weight: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
@@ -347,6 +366,7 @@ class UserTower(nn.Module):
         self.dim = cfg.dim
         self.normalize = cfg.normalize
         self.attr_names = [s.name for s in cfg.user_attrs]
+        self.history_dropout = cfg.history_dropout
         if id_table is not None and tuple(id_table.weight.shape) != (cfg.n_users, cfg.dim):
             raise ValueError(
                 f"id_table has shape {tuple(id_table.weight.shape)}, expected "
@@ -398,6 +418,7 @@ class UserTower(nn.Module):
             keep = history != 0  # (B, H) padding out
             if exclude is not None:
                 keep = keep & (history != exclude.unsqueeze(1))  # (B, H) the positive out
+            keep = _drop_entries(keep, self.history_dropout, self.training)  # (B, H)
             parts.append(masked_mean_embedding(self.history_emb.weight, history, keep))  # (B, D)
         if self.attr_names:
             parts.extend(self.attrs(attrs or {}))  # each (B, D)
@@ -424,6 +445,7 @@ class ItemTower(nn.Module):
         self.dim = cfg.dim
         self.normalize = cfg.normalize
         self.attr_names = [s.name for s in cfg.item_attrs]
+        self.history_dropout = cfg.history_dropout
         self.id_emb = _embedding(cfg.n_items, cfg.dim, cfg.init_std) if cfg.item_id else None
         self.audience_emb: nn.Embedding | None = None
         if cfg.item_audience:
@@ -464,6 +486,7 @@ class ItemTower(nn.Module):
             keep = audience != 0  # (B, A) padding out
             if exclude_user is not None:
                 keep = keep & (audience != exclude_user.unsqueeze(1))  # (B, A) own user out
+            keep = _drop_entries(keep, self.history_dropout, self.training)  # (B, A)
             parts.append(masked_mean_embedding(self.audience_emb.weight, audience, keep))
         if self.attr_names:
             parts.extend(self.attrs(attrs or {}))  # each (B, D)

@@ -534,3 +534,27 @@ def test_audience_needs_the_user_id_and_its_input():
     assert ItemTower(cfg).audience_emb.weight.shape == (N_USERS, DIM)
     with pytest.raises(ValueError, match="user_table has shape"):
         ItemTower(cfg, user_table=torch.nn.Embedding(3, DIM))
+
+
+def test_history_dropout_drops_entries_only_in_training():
+    from towers.model import _drop_entries
+
+    keep = torch.rand(2000, 50, generator=torch.Generator().manual_seed(1)) < 0.8
+    torch.manual_seed(0)
+    dropped = _drop_entries(keep, 0.3, training=True)
+    assert not bool((dropped & ~keep).any())  # never revives padding / excluded entries
+    assert float(dropped.sum() / keep.sum()) == pytest.approx(0.7, abs=0.01)
+    assert torch.equal(_drop_entries(keep, 0.3, training=False), keep)
+    # the tower: eval output ignores the dropout, train output varies with it
+    cfg = full_config(history_dropout=0.5, user_attrs=[])
+    model = TwoTower(cfg)
+    batch = {k: v for k, v in user_batch(16, h=10).items() if not k.startswith("ua_")}
+    model.eval()
+    ref = TwoTower(replace(cfg, history_dropout=0.0))
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    assert torch.allclose(model.encode_users(batch), ref.encode_users(batch))
+    model.train()
+    assert not torch.allclose(model.encode_users(batch), ref.encode_users(batch))
+    with pytest.raises(ValueError, match="history_dropout"):
+        full_config(history_dropout=1.0)
