@@ -78,7 +78,7 @@ class FeaturesConfig(_Strict):
 class ModelConfig(_Strict):
     """Which parts the towers have; an id-only pair of towers is plain MF."""
 
-    dim: int = Field(64, ge=2)  # output embedding size
+    dim: int = Field(256, ge=2)  # output embedding size (the Gowalla ablation picked 256)
     user_id: bool = True  # user id embedding
     user_history: bool = True  # mean-pooled embeddings of the user's recent items
     user_attributes: bool = True  # user attribute embeddings
@@ -138,17 +138,17 @@ class NegativesConfig(_Strict):
 class TrainConfig(_Strict):
     """Optimisation, validation and checkpointing."""
 
-    epochs: int = Field(10, ge=1)  # maximum epochs
-    batch_size: int = Field(1024, ge=2)  # rows per step = in-batch negatives + 1
+    epochs: int = Field(40, ge=1)  # maximum epochs (early stopping usually ends sooner)
+    batch_size: int = Field(2048, ge=2)  # rows per step = in-batch negatives + 1
     lr: float = Field(3e-3, gt=0)  # AdamW learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     sampling: Literal["events", "users"] = "events"  # rows: shuffled, or a uniform user first
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> lr_min over `epochs`
     lr_min: float = Field(0.0, ge=0)  # cosine: the learning rate reached at the last epoch
-    patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping
+    patience: int = Field(2, ge=1)  # epochs without valid improvement before stopping
     valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
     seed: int = 0  # seed of init and batch order
-    refit: bool = False  # after selection, retrain on train+valid for the best epoch count
+    refit: bool = True  # after selection, retrain on train+valid for the best epoch count
     threads: int | None = None  # torch intra-op threads; None = torch's default
     progress: bool = True  # show a progress bar
 
