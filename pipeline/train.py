@@ -239,13 +239,27 @@ class _State:
     start_epoch: int = 0
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel.
+
+    The embedding tables get dense gradients, so every step updates every row: with the
+    default (foreach) implementation that update dominated an epoch (measured on 71k x 256
+    tables: 236 ms a step against 44 ms fused). The fused kernel computes the same update in
+    one pass over the parameters; it falls back to the default where a build has none.
+    """
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device / build
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _new_state(spec: TrainSpec, tcfg: TowerConfig, phase: _Phase) -> _State:
     cfg = spec.train
     torch.manual_seed(cfg.seed)
     model = TwoTower.from_config(tcfg)
     loss_fn = build_loss_fn(spec)
     params = list(model.parameters()) + list(loss_fn.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     negatives = Negatives(spec.negatives, spec.loss, phase.counts, cfg.batch_size, gen)
     return _State(model, loss_fn, opt, gen, negatives, history=[])
