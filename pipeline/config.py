@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -154,12 +161,46 @@ class TrainConfig(_Strict):
 
 
 class IndexConfig(_Strict):
-    """The FAISS index over all items."""
+    """The FAISS index over all items, and the search-time setting it is served with.
 
-    factory: str = "Flat"  # faiss.index_factory string
+    ``factory: auto`` picks by catalogue size N (``pipeline.index.auto_factory``): ``Flat``
+    (exact) below 100k items; ``IVF{n},Flat`` with n = 4·sqrt(N) rounded to a power of two
+    below 2M; ``IVF{n},PQ{d/2}x4fs,RFlat`` (fast-scan PQ + exact re-ranking) from 2M. With
+    ``tune``, nprobe (IVF) / efSearch (HNSW) is swept on sampled user vectors and the smallest
+    value whose ANN recall@tune_k reaches ``target_recall`` is saved with the index.
+    """
+
+    factory: str = "auto"  # faiss.index_factory string ("Flat", "IVF1024,Flat", "HNSW32", ...)
     metric: Literal["ip", "l2"] = "ip"  # must agree with model.normalize / training
     gpu: Literal["auto", "never"] = "auto"  # move to GPU(s) when faiss reports any
-    nprobe: int | None = None  # IVF probes at search time (None = faiss default)
+    gpu_mode: Literal["replicate", "shard"] = "replicate"  # several GPUs: copy on each / split
+    gpu_fp16: bool = False  # GPU: store vectors in float16 (half the memory)
+    nprobe: int | None = Field(None, ge=1)  # IVF lists probed; set = fixed, wins over tuning
+    ef_search: int | None = Field(None, ge=1)  # HNSW efSearch; set = fixed, wins over tuning
+    refine_k_factor: float | None = Field(None, ge=1)  # "...,RFlat": re-rank k_factor*k; None=16
+    tune: bool = True  # sweep nprobe / efSearch, keep the cheapest meeting target_recall
+    target_recall: float = Field(0.99, gt=0, le=1)  # ANN recall@tune_k vs exact search
+    tune_k: int = Field(20, ge=1)  # k of the ANN recall used for tuning
+    tune_queries: int = Field(1000, ge=1)  # user vectors sampled as tuning queries
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_parses(cls, value: str) -> str:
+        """Reject a factory string faiss cannot parse now, not after hours of training."""
+        value = value.strip()
+        if value in ("auto", "Flat"):
+            return value
+        import faiss  # lazily: only configs with a non-default index pay the import
+
+        try:
+            faiss.index_factory(64, value)
+        except RuntimeError as exc:
+            if "could not parse" in str(exc):
+                raise ValueError(
+                    f"faiss cannot parse index factory string {value!r}; use 'auto', 'Flat', "
+                    "'IVF1024,Flat', 'IVF1024,PQ32x4fs,RFlat', 'HNSW32', 'IVF1024,SQ8', ..."
+                ) from None
+        return value  # other errors depend on the real dimension: checked at build time
 
 
 class EvalConfig(_Strict):

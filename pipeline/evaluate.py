@@ -157,7 +157,7 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
     user_ids, user_vecs = read_vectors(run.path(USER_EMBEDDINGS), "user_idx", int(meta["dim"]))
     if user_ids.size and np.unique(user_ids).size != user_ids.size:
         raise ArtifactError(f"{run.path(USER_EMBEDDINGS)}: column 'user_idx' has duplicates")
-    index = load_index(run.path(INDEX))
+    index = load_index(run.path(INDEX), meta=index_meta)  # tuned nprobe / efSearch, GPU options
     index_metric = metric_name(index)
     check_metric(bool(meta["normalized"]), meta["metric"], index_metric)
     if index.d != item_vecs.shape[1]:
