@@ -118,5 +118,8 @@ def train(
     _run_single("train", run_dir, config, set_ or [], resume=resume)
 
 
+import flows.cli_report  # noqa: E402,F401  (registers report, compare)
+from flows import cli_serve  # noqa: E402,F401  (registers recommend, register)
+
 if __name__ == "__main__":
     app()

@@ -14,6 +14,7 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
+    "ORT_DISABLE_TELEMETRY": "1",  # onnxruntime's usage uploader
 }
 
 

@@ -204,16 +204,36 @@ class IndexConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """The offline evaluation protocol (DESIGN.md)."""
+    """The offline evaluation protocol (DESIGN.md), its baselines, breakdowns and report."""
 
-    ks: list[int] = [10, 20, 50, 100]  # cut-offs for recall@k and NDCG@k
+    ks: list[int] = [10, 20, 50, 100]  # cut-offs of every metric@k
     batch_size: int = Field(1024, ge=1)  # users scored per batch
+    item_knn: bool = True  # run the item-kNN baseline (cosine on train+valid interactions)
+    knn_neighbours: int = Field(100, ge=1)  # item-kNN: most similar items kept per item
+    activity_cuts: list[int] = []  # most train+valid events of cold, medium users; [] = terciles
+    popularity_shares: list[float] = [0.2, 0.5]  # catalogue shares ending head, torso (by pop)
+    health_sample: int = Field(5000, ge=2)  # vectors and positive pairs drawn for align/uniform
+    umap: bool = True  # 2-D UMAP map of item embeddings in the report (slow: ~30 s)
+    umap_sample: int = Field(5000, ge=10)  # items drawn for the map
+    seed: int = 0  # seed of the samples above and of UMAP's random_state
 
     @model_validator(mode="after")
     def _ks_positive(self) -> EvalConfig:
         if not self.ks or min(self.ks) < 1:
             raise ValueError("eval.ks must be a non-empty list of positive integers")
         self.__dict__["ks"] = sorted(set(self.ks))
+        cuts = self.activity_cuts
+        if cuts and (len(cuts) != 2 or not 1 <= cuts[0] < cuts[1]):
+            raise ValueError(
+                "eval.activity_cuts must be [] (terciles) or two increasing counts >= 1, "
+                "e.g. [10, 50]: cold <= 10 < medium <= 50 < heavy"
+            )
+        shares = self.popularity_shares
+        if len(shares) != 2 or not 0 < shares[0] < shares[1] <= 1:
+            raise ValueError(
+                "eval.popularity_shares must be two increasing shares in (0, 1], "
+                "e.g. [0.2, 0.5]: head = top 20% of items, torso = next 30%"
+            )
         return self
 
 
@@ -221,6 +241,9 @@ class ExportConfig(_Strict):
     """The serving bundle."""
 
     version: str | None = None  # bundle version; None = UTC timestamp
+    onnx: bool = True  # also write the user tower as ONNX (user_tower.onnx), checked at export
+    onnx_tolerance: float = Field(1e-4, gt=0)  # max |onnxruntime - torch| on the check batch
+    onnx_check_rows: int = Field(512, ge=1)  # users (from row 0, the OOV row) in the check batch
 
 
 class TrackingConfig(_Strict):

@@ -1,17 +1,24 @@
-"""The ``evaluate`` stage: offline recall@k / NDCG@k by the protocol of DESIGN.md.
+"""The ``evaluate`` stage: offline metrics by the protocol of DESIGN.md, baselines beside.
 
 For every user in USER_EMBEDDINGS with at least one test event: rank the whole catalogue
 (every indexed item) with the user's train+valid items excluded, and score the top-k against
 the user's test items (an unknown test item, id 0, counts in |test| but can never be hit).
-Three rankings side by side on the same users and split:
+Four rankings side by side on the same users and split:
 
 * ``index`` — through the built FAISS index (the served path, loaded from INDEX);
 * ``exact`` — brute force over ITEM_EMBEDDINGS (so the ANN loss is visible);
-* ``popularity`` — the most popular unseen items by ``pop_all`` (train+valid counts).
+* ``popularity`` — the most popular unseen items by ``pop_all`` (train+valid counts);
+* ``item_knn`` — item-kNN on the train+valid interactions (:mod:`pipeline.baselines`).
 
-Writes EVAL_SUMMARY (JSON) and EVAL_REPORT (markdown). The array-level work lives in
-:mod:`pipeline.metrics`; :func:`evaluate_vectors` is re-exported here for callers that want
-the exact path only (e.g. per-epoch validation in training).
+Each gets recall, NDCG, MRR, hit rate, precision, catalogue coverage and popularity bias
+(mean ``pop_train`` of what it recommends) at every k; recall and NDCG keep their keys and
+values of before. Beside them: breakdowns by user activity and test-item popularity
+(:mod:`pipeline.breakdown`) and embedding health (:mod:`pipeline.embedding_health`).
+
+Writes EVAL_SUMMARY (JSON), then the report (:mod:`pipeline.report`: EVAL_REPORT markdown,
+EVAL_HTML and its PNG plots). The array-level work lives in :mod:`pipeline.metrics`;
+:func:`evaluate_vectors` is re-exported here for callers that want the exact path only (e.g.
+per-epoch validation in training).
 """
 
 from __future__ import annotations
@@ -23,7 +30,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.baselines import interaction_matrix, item_knn_topk, item_similarity
+from pipeline.breakdown import (
+    activity_buckets,
+    breakdown,
+    item_buckets_of,
+    popularity_buckets,
+    popularity_thresholds,
+    read_popularity,
+)
 from pipeline.config import EvalConfig, section_hash
+from pipeline.embedding_health import embedding_health
 from pipeline.index import (
     check_metric,
     load_index,
@@ -35,58 +52,66 @@ from pipeline.index import (
 )
 from pipeline.metrics import (
     UserItems,
+    coverage,
     evaluate_vectors,
+    popularity_bias,
     popularity_topk,
-    recall_ndcg,
+    ranking_metrics,
     topk_exact,
     topk_index,
     topk_overlap,
 )
+from pipeline.report import flat_metrics, write_report
 from pipeline.rundir import (
     EMBED_META,
-    EVAL_REPORT,
     EVAL_SUMMARY,
     EVENTS,
     FEATURE_META,
     INDEX,
     INDEX_META,
-    ITEM_FEATURES,
     USER_EMBEDDINGS,
     ArtifactError,
     RunDir,
     StageRecord,
     read_json,
-    read_parquet,
     scan_parquet,
     write_json,
-    write_text,
 )
-from pipeline.schemas import EVENTS_KINDS, ITEM_FEATURES_KINDS, SPLITS
+from pipeline.schemas import EVENTS_KINDS, SPLITS
 
-__all__ = ["evaluate_stage", "evaluate_vectors", "user_sets"]
+__all__ = ["SOURCES", "evaluate_stage", "evaluate_vectors", "user_sets"]
 
 EVENTS_COLUMNS = {k: EVENTS_KINDS[k] for k in ("user_idx", "item_idx", "split")}
-ITEM_FEATURES_COLUMNS = {k: ITEM_FEATURES_KINDS[k] for k in ("item_idx", "pop_all")}
+SOURCES = ("index", "exact", "item_knn", "popularity")  # the rankings, model first
 
 
-def user_sets(run: RunDir, users: np.ndarray) -> tuple[UserItems, UserItems]:
-    """(truth, exclude) over the rows of ``users``: their test items and train+valid items.
-
-    Known test items are de-duplicated; every unknown test event (item 0) is kept, since
-    distinct unknown items share id 0 (see :meth:`UserItems.from_pairs`).
-    """
+def _read_events(run: RunDir, users: np.ndarray | None = None) -> pl.DataFrame:
+    """EVENTS (user_idx, item_idx as Int64, split), of ``users`` only when given; split checked."""
     path = run.path(EVENTS)
-    ev = (
-        scan_parquet(path, EVENTS_COLUMNS)
-        .select(pl.col("user_idx").cast(pl.Int64), "item_idx", "split")
-        .join(pl.LazyFrame({"user_idx": users.astype(np.int64)}), on="user_idx", how="semi")
-        .collect()
+    lf = scan_parquet(path, EVENTS_COLUMNS).select(
+        pl.col("user_idx").cast(pl.Int64), pl.col("item_idx").cast(pl.Int64), "split"
     )
+    if users is not None:
+        lf = lf.join(pl.LazyFrame({"user_idx": users.astype(np.int64)}), on="user_idx", how="semi")
+    ev = lf.collect()
     bad = ev.filter(~pl.col("split").is_in(SPLITS))
     if bad.height:
         raise ArtifactError(
             f"{path}: column 'split' holds {bad['split'][0]!r}, expected one of {SPLITS}"
         )
+    return ev
+
+
+def user_sets(
+    run: RunDir, users: np.ndarray, events: pl.DataFrame | None = None
+) -> tuple[UserItems, UserItems]:
+    """(truth, exclude) over the rows of ``users``: their test items and train+valid items.
+
+    Known test items are de-duplicated; every unknown test event (item 0) is kept, since
+    distinct unknown items share id 0 (see :meth:`UserItems.from_pairs`). ``events`` (from
+    :func:`_read_events`) saves reading EVENTS again.
+    """
+    ev = _read_events(run, users) if events is None else events
     test = ev.filter(pl.col("split") == "test")
     seen = ev.filter(pl.col("split") != "test")
     truth = UserItems.for_users(users, test["user_idx"].to_numpy(), test["item_idx"].to_numpy())
@@ -94,51 +119,35 @@ def user_sets(run: RunDir, users: np.ndarray) -> tuple[UserItems, UserItems]:
     return truth, exclude
 
 
-def _popularity(run: RunDir, item_ids: np.ndarray) -> np.ndarray:
-    """pop_all of each of ``item_ids`` (0 for items missing from ITEM_FEATURES)."""
-    feats = read_parquet(run.path(ITEM_FEATURES), ITEM_FEATURES_COLUMNS)
-    fid = feats["item_idx"].to_numpy().astype(np.int64)
-    fpop = feats["pop_all"].to_numpy().astype(np.float64)
-    order = np.argsort(fid, kind="stable")
-    fid, fpop = fid[order], fpop[order]
-    pos = np.minimum(np.searchsorted(fid, item_ids), max(fid.size - 1, 0))
-    found = (fid[pos] == item_ids) if fid.size else np.zeros(item_ids.size, bool)
-    return np.where(found, fpop[pos] if fid.size else 0.0, 0.0)
+def _list_metrics(
+    top: np.ndarray,
+    truth: UserItems,
+    item_ids: np.ndarray,
+    pop_train: np.ndarray,
+    ks: list[int],
+) -> dict[str, float]:
+    """Every metric of one ranking: accuracy against ``truth`` and properties of the lists."""
+    out = ranking_metrics(top, truth, ks)
+    out.update(coverage(top, int(item_ids.size), ks))
+    out.update(popularity_bias(top, item_ids, pop_train, ks))
+    return out
 
 
-def _report(summary: dict[str, Any], ks: list[int]) -> str:
-    """The short markdown report: one row per k, model via index / exact / popularity."""
-    nprobe = summary["nprobe"] if summary["nprobe"] is not None else "faiss default"
-    lines = [
-        "# Offline evaluation",
-        "",
-        f"Full ranking over **{summary['n_items']:,}** items for **{summary['n_users']:,}** "
-        f"users with at least one test item ({summary['n_users_embedded']:,} users embedded); "
-        "each user's train+valid items are excluded.",
-        "",
-        f"Index: `{summary['factory']}`, metric `{summary['metric']}`, nprobe {nprobe}.",
-        "",
-        "| k | recall (index) | recall (exact) | recall (popularity) "
-        "| NDCG (index) | NDCG (exact) | NDCG (popularity) | ANN overlap |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for k in ks:
-        cells = [summary[src][f"recall@{k}"] for src in ("index", "exact", "popularity")]
-        cells += [summary[src][f"ndcg@{k}"] for src in ("index", "exact", "popularity")]
-        cells.append(summary[f"ann_overlap@{k}"])
-        lines.append(f"| {k} | " + " | ".join(f"{v:.4f}" for v in cells) + " |")
-    sec = summary["seconds"]
-    lines += [
-        "",
-        f"Seconds: index {sec['index']:.2f}, exact {sec['exact']:.2f}, "
-        f"popularity {sec['popularity']:.2f}.",
-        "",
-    ]
-    return "\n".join(lines)
+def _activity(seen: pl.DataFrame, users: np.ndarray) -> np.ndarray:
+    """(U,) train+valid events of each of ``users`` (0 for users with none)."""
+    counts = seen.group_by("user_idx").len()
+    uid = counts["user_idx"].to_numpy()
+    n = counts["len"].to_numpy().astype(np.int64)
+    order = np.argsort(uid)
+    uid, n = uid[order], n[order]
+    if uid.size == 0:
+        return np.zeros(users.size, np.int64)
+    pos = np.minimum(np.searchsorted(uid, users), uid.size - 1)
+    return np.where(uid[pos] == users, n[pos], 0)
 
 
 def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> StageRecord:
-    """USER/ITEM_EMBEDDINGS + EVENTS + ITEM_FEATURES + INDEX -> EVAL_SUMMARY + EVAL_REPORT.
+    """USER/ITEM_EMBEDDINGS + EVENTS + ITEM_FEATURES + INDEX -> EVAL_SUMMARY + the report.
 
     ``nprobe`` (IVF lists probed) overrides the one saved with the index; None keeps it.
     """
@@ -172,59 +181,129 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
         )
     set_search_params(index, nprobe)
 
-    truth, exclude = user_sets(run, user_ids)
+    events = _read_events(run)
+    truth, exclude = user_sets(run, user_ids, events)
     has_test = truth.counts() > 0
     if not has_test.any():
         raise ArtifactError(f"{run.path(EVENTS)}: no test events for the embedded users")
     # Users without a test event add nothing to the averages: score only the others.
     rows = np.flatnonzero(has_test)
     truth, exclude = truth.take(rows), exclude.take(rows)
-    user_vecs = user_vecs[rows]
+    users = user_ids[rows]
+    query_vecs = user_vecs[rows]
+    seen = events.filter(pl.col("split") != "test")
+    pop_all, pop_train = read_popularity(run, item_ids)
 
-    # -- the three rankings
+    # -- the rankings, each timed
     seconds: dict[str, float] = {}
+    tops: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
-    top_index = topk_index(index, user_vecs, exclude, kmax, max(cfg.batch_size, 4096))
+    tops["index"] = topk_index(index, query_vecs, exclude, kmax, max(cfg.batch_size, 4096))
     seconds["index"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    top_exact = topk_exact(
-        user_vecs, item_vecs, item_ids, exclude, kmax, cfg.batch_size, meta["metric"]
+    tops["exact"] = topk_exact(
+        query_vecs, item_vecs, item_ids, exclude, kmax, cfg.batch_size, meta["metric"]
     )
     seconds["exact"] = time.perf_counter() - t0
+    if cfg.item_knn:
+        t0 = time.perf_counter()
+        n_users = max(int(feature_meta["n_users"]), int(events["user_idx"].max()) + 1)
+        n_items = max(int(feature_meta["n_items"]), int(events["item_idx"].max()) + 1)
+        x = interaction_matrix(
+            seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy(), n_users, n_items
+        )
+        sim = item_similarity(x, cfg.knn_neighbours, block=min(cfg.batch_size, 1024))
+        tops["item_knn"] = item_knn_topk(x[users], sim, item_ids, exclude, kmax, cfg.batch_size)
+        seconds["item_knn"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pop = _popularity(run, item_ids)
-    top_pop = popularity_topk(pop, item_ids, exclude, kmax, cfg.batch_size)
+    tops["popularity"] = popularity_topk(pop_all, item_ids, exclude, kmax, cfg.batch_size)
     seconds["popularity"] = time.perf_counter() - t0
 
+    # -- metrics, breakdowns, embedding health
+    t0 = time.perf_counter()
     summary: dict[str, Any] = {
-        "index": recall_ndcg(top_index, truth, ks),
-        "exact": recall_ndcg(top_exact, truth, ks),
-        "popularity": recall_ndcg(top_pop, truth, ks),
-        "n_users": int(rows.size),
-        "n_users_embedded": int(user_ids.size),
-        "n_items": int(item_ids.size),
-        "n_items_vocab": int(feature_meta["n_items"]),
-        "ks": ks,
-        "factory": index_meta.get("factory"),
-        "metric": index_metric,
-        "nprobe": nprobe if nprobe is not None else index_meta.get("nprobe"),
-        "seconds": seconds,
+        src: _list_metrics(top, truth, item_ids, pop_train, ks) for src, top in tops.items()
     }
     for k in ks:
-        summary[f"ann_overlap@{k}"] = topk_overlap(top_index, top_exact, k)
-    write_json(summary, run.path(EVAL_SUMMARY))
-    write_text(_report(summary, ks), run.path(EVAL_REPORT))
+        summary[f"ann_overlap@{k}"] = topk_overlap(tops["index"], tops["exact"], k)
+    user_codes, cuts = activity_buckets(_activity(seen, users), cfg.activity_cuts)
+    thresholds = popularity_thresholds(pop_train, cfg.popularity_shares)
+    truth_codes = item_buckets_of(
+        truth.indices, item_ids, popularity_buckets(pop_train, thresholds)
+    )
+    parts = breakdown(tops, truth, user_codes, truth_codes, ks)
+    seconds["metrics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test = events.filter(pl.col("split") == "test")
+    health = embedding_health(
+        user_ids,
+        user_vecs,
+        item_ids,
+        item_vecs,
+        {
+            "seen": (seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy()),
+            "test": (test["user_idx"].to_numpy(), test["item_idx"].to_numpy()),
+        },
+        sample=cfg.health_sample,
+        seed=cfg.seed,
+    )
+    seconds["health"] = time.perf_counter() - t0
 
-    metrics: dict[str, float] = {}
-    for src in ("index", "exact", "popularity"):
-        metrics.update({f"{src}/{name}": v for name, v in summary[src].items()})
-    metrics.update({f"ann_overlap@{k}": summary[f"ann_overlap@{k}"] for k in ks})
+    summary.update(
+        {
+            "n_users": int(rows.size),
+            "n_users_embedded": int(user_ids.size),
+            "n_items": int(item_ids.size),
+            "n_items_vocab": int(feature_meta["n_items"]),
+            "n_test_unknown": int((truth.indices == 0).sum()),
+            "ks": ks,
+            "factory": index_meta.get("factory"),
+            "metric": index_metric,
+            "nprobe": nprobe if nprobe is not None else index_meta.get("nprobe"),
+            "seconds": seconds,
+            "baselines": {
+                "popularity": {"score": "pop_all (train+valid events)"},
+                **(
+                    {"item_knn": {"neighbours": cfg.knn_neighbours, "data": "train+valid"}}
+                    if cfg.item_knn
+                    else {}
+                ),
+            },
+            "breakdown": {
+                "users": {
+                    "by": "train+valid events",
+                    "cuts": cuts,
+                    "cuts_from": "eval.activity_cuts" if cfg.activity_cuts else "terciles",
+                    "buckets": parts["users"],
+                },
+                "items": {
+                    "by": "pop_train",
+                    "shares": list(cfg.popularity_shares),
+                    "thresholds": thresholds,
+                    "buckets": parts["items"],
+                },
+            },
+            "health": health,
+        }
+    )
+    write_json(summary, run.path(EVAL_SUMMARY))
+    t0 = time.perf_counter()
+    outputs = write_report(cfg, run, summary)
+    report_seconds = time.perf_counter() - t0
+
     return StageRecord(
         stage="evaluate",
         config_hash=section_hash(cfg),
-        outputs={"summary": EVAL_SUMMARY, "report": EVAL_REPORT},
+        outputs={"summary": EVAL_SUMMARY, **outputs},
         rows={"users": int(rows.size), "items": int(item_ids.size)},
-        metrics=metrics,
+        metrics={**_tracked_metrics(summary), "report_seconds": report_seconds},
         seconds=time.perf_counter() - t_start,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     )
+
+
+def _tracked_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The figures logged as MLflow metrics: every ranking's metrics, the ANN overlap, the
+    breakdowns (``{src}/users_{bucket}/recall@k``, ``{src}/items_{bucket}/recall@k``, ...) and
+    embedding health (``health/...``); the same names ``twotower compare`` shows."""
+    return {k: v for k, v in flat_metrics(summary, detail=True).items() if "seconds/" not in k}

@@ -13,6 +13,11 @@ Everything is batched and vectorised — no Python loop per user:
   exclusion count and dropping excluded ids;
 * :func:`popularity_topk` — the most popular unseen items (same masking path);
 * :func:`recall_ndcg` / :func:`per_user_recall_ndcg` — the metrics from a (U, K) id matrix;
+* :func:`ranking_metrics` / :func:`per_user_ranking_metrics` — recall, NDCG, MRR, hit rate and
+  precision at every k (recall and NDCG identical to :func:`recall_ndcg`);
+* :func:`coverage` / :func:`popularity_bias` — catalogue share and mean popularity of what is
+  recommended (properties of the top-k lists, not of the test set);
+* :func:`topk_scored` — top-k from any batched scorer (e.g. the item-kNN baseline);
 * :func:`topk_overlap` — share of exact top-k found by an approximate top-k (ANN recall);
 * :func:`evaluate_vectors` — exact top-k + metrics in one call (per-epoch validation).
 
@@ -24,7 +29,7 @@ recall denominator) but can never be a hit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +37,16 @@ import torch
 
 __all__ = [
     "UserItems",
+    "bucket_recall",
+    "coverage",
     "evaluate_vectors",
+    "per_user_ranking_metrics",
     "per_user_recall_ndcg",
+    "popularity_bias",
     "popularity_topk",
+    "ranking_metrics",
     "recall_ndcg",
+    "topk_scored",
     "topk_exact",
     "topk_index",
     "topk_overlap",
@@ -153,23 +164,41 @@ class UserItems:
         gather = np.arange(indptr[-1], dtype=np.int64) + shift
         return UserItems(indptr, self.indices[gather])
 
+    def select(self, keep: np.ndarray) -> UserItems:
+        """A new set with only the entries where ``keep`` (nnz,) is true; rows are kept."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != self.indices.shape:
+            raise ValueError(f"keep must have shape {self.indices.shape}, got {keep.shape}")
+        counts = np.bincount(self.row_of_entries(self.indptr)[keep], minlength=self.n_rows)
+        indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return UserItems(indptr, self.indices[keep])
+
     def slice(self, start: int, stop: int) -> UserItems:
         """Rows ``start:stop`` as a new set (no copy of the other rows)."""
         lo, hi = self.indptr[start], self.indptr[stop]
         return UserItems(self.indptr[start : stop + 1] - lo, self.indices[lo:hi])
 
-    def contains(self, items: np.ndarray) -> np.ndarray:
-        """(R, M) bool: is ``items[r, j]`` in row ``r``? Negative ids (-1 = none) are never in."""
+    def locate(self, items: np.ndarray) -> np.ndarray:
+        """(R, M) int64: where ``items[r, j]`` sits in ``indices`` (within row ``r``), else -1.
+
+        Negative ids (-1 = none) are never found. For a repeated id (unknown item 0) one of
+        its positions is returned.
+        """
         items = np.asarray(items, dtype=np.int64)
         if items.ndim != 2 or items.shape[0] != self.n_rows:
             raise ValueError(f"items must have shape ({self.n_rows}, M), got {items.shape}")
         if self.indices.size == 0 or items.size == 0:
-            return np.zeros(items.shape, dtype=bool)
+            return np.full(items.shape, -1, dtype=np.int64)
         stride = int(max(self.indices.max(), items.max())) + 1
         keys = self.row_of_entries(self.indptr) * stride + self.indices  # sorted
         q = np.arange(self.n_rows, dtype=np.int64)[:, None] * stride + items  # (R, M)
         pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)
-        return (keys[pos] == q) & (items >= 0)
+        return np.where((keys[pos] == q) & (items >= 0), pos, -1)
+
+    def contains(self, items: np.ndarray) -> np.ndarray:
+        """(R, M) bool: is ``items[r, j]`` in row ``r``? Negative ids (-1 = none) are never in."""
+        return self.locate(items) >= 0
 
 
 # -- top-k with masking -----------------------------------------------------------------------
@@ -329,6 +358,39 @@ def topk_exact(
     return _masked_topk(score_batch, users.shape[0], ids, exclude, k, batch_size)
 
 
+def topk_scored(
+    score_batch: Callable[[int, int, np.ndarray], np.ndarray],
+    n_users: int,
+    item_ids: np.ndarray,
+    exclude: UserItems | None,
+    k: int,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Top-k item ids per user from any batched scorer (e.g. the item-kNN baseline).
+
+    ``score_batch(start, stop, out)`` returns the (stop - start, N) float32 scores of users
+    ``start:stop`` against ``item_ids`` (N,), which must be sorted ascending (column j scores
+    ``item_ids[j]``); it may fill and return ``out`` (a buffer of that shape) to save a copy.
+    Masking, tie-breaking (lower id first) and -1 padding are those of :func:`topk_exact`, so
+    a scorer equal to the dot products gives the same result.
+    """
+    ids = np.asarray(item_ids, dtype=np.int64)
+    if ids.ndim != 1 or (ids.size > 1 and (np.diff(ids) <= 0).any()):
+        raise ValueError("item_ids must be 1-d, unique and sorted ascending (the score columns)")
+
+    def scores(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        buf = out.numpy()  # shares memory with ``out``
+        s = score_batch(start, stop, buf)
+        if s is not buf:
+            s = np.asarray(s)
+            if s.shape != buf.shape:
+                raise ValueError(f"score_batch returned shape {s.shape}, expected {buf.shape}")
+            buf[...] = s
+        return out
+
+    return _masked_topk(scores, n_users, ids, exclude, k, batch_size)
+
+
 def popularity_topk(
     popularity: np.ndarray,
     item_ids: np.ndarray,
@@ -442,10 +504,17 @@ def per_user_recall_ndcg(
     """
     topk = np.asarray(topk, dtype=np.int64)
     ks = _check_ks(topk, truth, ks)
-    kmax = ks[-1]
-    top = topk[:, :kmax]
+    top = topk[:, : ks[-1]]
     hits = truth.contains(top) & (top > 0)  # (U, kmax)
-    n_test = truth.counts().astype(np.float64)  # (U,)
+    return _recall_ndcg_from_hits(hits, truth.counts(), ks)
+
+
+def _recall_ndcg_from_hits(
+    hits: np.ndarray, counts: np.ndarray, ks: list[int]
+) -> dict[str, np.ndarray]:
+    """Recall@k and NDCG@k per row from (U, kmax) hits and (U,) test-item counts."""
+    kmax = ks[-1]
+    n_test = counts.astype(np.float64)  # (U,)
     has = n_test > 0
     discount = 1.0 / np.log2(np.arange(2, kmax + 2, dtype=np.float64))  # (kmax,)
     ideal = np.cumsum(discount)  # ideal[j] = IDCG with j + 1 relevant items
@@ -469,6 +538,119 @@ def recall_ndcg(topk: np.ndarray, truth: UserItems, ks: Sequence[int]) -> dict[s
         raise ValueError("no user has a test item: recall and NDCG are undefined")
     per_user = per_user_recall_ndcg(topk, truth, ks)
     return {name: float(np.nanmean(v)) for name, v in per_user.items()}
+
+
+def per_user_ranking_metrics(
+    topk: np.ndarray, truth: UserItems, ks: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Per-user recall, NDCG, MRR, hit rate and precision at each k; (U,) float64 each.
+
+    Keys ``"{name}@{k}"`` for name in recall, ndcg, mrr, hit_rate, precision; NaN for users
+    without test items. Recall and NDCG are those of :func:`per_user_recall_ndcg`; with
+    ``hits@k`` the test items among the first k ids (item 0 never counts):
+
+    * MRR@k = 1 / rank of the first hit within the first k, 0 if none (reciprocal rank);
+    * hit rate@k = 1 if ``hits@k > 0`` else 0;
+    * precision@k = ``hits@k / k`` (k, not the number of ids returned: -1 slots count as misses).
+    """
+    topk = np.asarray(topk, dtype=np.int64)
+    ks = _check_ks(topk, truth, ks)
+    top = topk[:, : ks[-1]]
+    hits = truth.contains(top) & (top > 0)  # (U, kmax)
+    out = _recall_ndcg_from_hits(hits, truth.counts(), ks)
+    has = truth.counts() > 0  # (U,)
+    cum_hits = np.cumsum(hits, axis=1)  # (U, kmax)
+    first = np.where(hits.any(1), hits.argmax(1) + 1, np.iinfo(np.int64).max)  # (U,) 1-based
+    for k in ks:
+        n_hits = cum_hits[:, k - 1]
+        out[f"mrr@{k}"] = np.where(has, np.where(first <= k, 1.0 / first, 0.0), np.nan)
+        out[f"hit_rate@{k}"] = np.where(has, (n_hits > 0).astype(np.float64), np.nan)
+        out[f"precision@{k}"] = np.where(has, n_hits / k, np.nan)
+    return out
+
+
+def ranking_metrics(topk: np.ndarray, truth: UserItems, ks: Sequence[int]) -> dict[str, float]:
+    """Means of :func:`per_user_ranking_metrics` over users with >= 1 test item."""
+    if not (truth.counts() > 0).any():
+        raise ValueError("no user has a test item: the ranking metrics are undefined")
+    per_user = per_user_ranking_metrics(topk, truth, ks)
+    return {name: float(np.nanmean(v)) for name, v in per_user.items()}
+
+
+def bucket_recall(
+    topk: np.ndarray, truth: UserItems, codes: np.ndarray, ks: Sequence[int]
+) -> dict[int, dict[str, float]]:
+    """Recall@k restricted to the test items of each bucket, from one membership pass.
+
+    ``codes`` (nnz,) gives the bucket of each entry of ``truth``. For bucket b, a user's
+    recall@k = (their bucket-b test items in the first k) / (their bucket-b test items),
+    averaged over users with at least one; the same as :func:`recall_ndcg` on the truth
+    restricted to bucket b (``truth.select(codes == b)``). Returns ``{b: {"recall@k": ...,
+    "n_test": ..., "n_users": ...}}`` for every bucket holding a test item.
+    """
+    topk = np.asarray(topk, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    ks = _check_ks(topk, truth, ks)
+    if codes.shape != truth.indices.shape:
+        raise ValueError(f"codes must have shape {truth.indices.shape} (one per test item)")
+    top = topk[:, : ks[-1]]
+    loc = truth.locate(top)  # (U, kmax) entry of each hit, -1 = miss
+    hit_code = np.where((loc >= 0) & (top > 0), codes[np.maximum(loc, 0)], -1)  # (U, kmax)
+    rows = UserItems.row_of_entries(truth.indptr)
+    out: dict[int, dict[str, float]] = {}
+    for b in np.unique(codes).tolist():
+        n = np.bincount(rows[codes == b], minlength=truth.n_rows).astype(np.float64)  # (U,)
+        has = n > 0
+        cum = np.cumsum(hit_code[has] == b, axis=1)  # (U_b, kmax)
+        out[b] = {f"recall@{k}": float(np.mean(cum[:, k - 1] / n[has])) for k in ks}
+        out[b].update({"n_test": int(n.sum()), "n_users": int(has.sum())})
+    return out
+
+
+def coverage(topk: np.ndarray, n_items: int, ks: Sequence[int]) -> dict[str, float]:
+    """Catalogue coverage@k: distinct ids in all rows' first k / ``n_items`` (keys "coverage@k").
+
+    The share of the catalogue that any user is shown; a popularity ranking scores near
+    ``k / n_items``. -1 (no result) is not an item.
+    """
+    topk = np.asarray(topk, dtype=np.int64)
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1, got {n_items}")
+    out: dict[str, float] = {}
+    for k in sorted({int(k) for k in ks}):
+        if k < 1 or k > topk.shape[1]:
+            raise ValueError(f"k={k} must lie in [1, {topk.shape[1]}] (the columns of topk)")
+        top = topk[:, :k]
+        out[f"coverage@{k}"] = float(np.unique(top[top >= 0]).size / n_items)
+    return out
+
+
+def popularity_bias(
+    topk: np.ndarray, item_ids: np.ndarray, popularity: np.ndarray, ks: Sequence[int]
+) -> dict[str, float]:
+    """Mean popularity of the recommended items at each k (keys "popularity_bias@k").
+
+    Averaged over every (user, slot) of the first k that holds an item (-1 slots skipped);
+    ``popularity`` (N,) of each of ``item_ids`` (e.g. train counts), ids outside the catalogue
+    count 0. Compare with the popularity baseline (the maximum) to see how popular-leaning a
+    model's lists are. NaN when no slot holds an item.
+    """
+    topk = np.asarray(topk, dtype=np.int64)
+    ids, (pop,) = _sorted_catalogue(item_ids, np.asarray(popularity, dtype=np.float64))
+    flat = topk.ravel()
+    pos = np.minimum(np.searchsorted(ids, flat), max(ids.size - 1, 0))
+    found = (ids[pos] == flat) if ids.size else np.zeros(flat.size, bool)
+    value = np.where(found, pop[pos] if ids.size else 0.0, 0.0).reshape(topk.shape)
+    valid = topk >= 0
+    out: dict[str, float] = {}
+    for k in sorted({int(k) for k in ks}):
+        if k < 1 or k > topk.shape[1]:
+            raise ValueError(f"k={k} must lie in [1, {topk.shape[1]}] (the columns of topk)")
+        n = int(valid[:, :k].sum())
+        out[f"popularity_bias@{k}"] = (
+            float(value[:, :k][valid[:, :k]].sum() / n) if n else float("nan")
+        )
+    return out
 
 
 def topk_overlap(approx: np.ndarray, exact: np.ndarray, k: int) -> float:

@@ -51,6 +51,11 @@ INDEX_SWEEP_TABLE = "index/sweep.md"
 INDEX_SWEEP_PLOT = "index/sweep.png"
 EVAL_SUMMARY = "eval/summary.json"
 EVAL_REPORT = "eval/report.md"
+EVAL_HTML = "eval/report.html"  # the report with its plots embedded (pipeline.report)
+EVAL_PLOT_RECALL = "eval/recall_at_k.png"  # recall@k curves, model vs baselines
+EVAL_PLOT_BREAKDOWN = "eval/breakdown.png"  # recall by user activity / item popularity
+EVAL_PLOT_ANN = "eval/ann_sweep.png"  # ANN recall vs latency, from INDEX_SWEEP when present
+EVAL_PLOT_MAP = "eval/item_map.png"  # 2-D UMAP map of item embeddings (eval.umap)
 EXPORT_DIR = "export"
 MANIFEST = "manifest.json"
 

@@ -18,9 +18,17 @@ from typing import Any
 
 from pipeline.config import Config, dump_config, section_hash
 from pipeline.rundir import (
+    EVAL_HTML,
+    EVAL_PLOT_ANN,
+    EVAL_PLOT_BREAKDOWN,
+    EVAL_PLOT_MAP,
+    EVAL_PLOT_RECALL,
     EVAL_REPORT,
     EVAL_SUMMARY,
     INDEX_META,
+    INDEX_SWEEP,
+    INDEX_SWEEP_PLOT,
+    INDEX_SWEEP_TABLE,
     MANIFEST,
     TRAIN_HISTORY,
     RunDir,
@@ -158,10 +166,18 @@ def _stage_fn(stage: str) -> Callable[..., StageRecord]:
 
 
 # files of each stage worth keeping as MLflow artifacts
-_ARTIFACTS: dict[str, tuple[str, ...]] = {
+_ARTIFACTS: dict[str, tuple[str, ...]] = {  # logged when present (plots are optional)
     "train": (TRAIN_HISTORY,),
-    "index": (INDEX_META,),
-    "evaluate": (EVAL_SUMMARY, EVAL_REPORT),
+    "index": (INDEX_META, INDEX_SWEEP, INDEX_SWEEP_TABLE, INDEX_SWEEP_PLOT),
+    "evaluate": (
+        EVAL_SUMMARY,
+        EVAL_REPORT,
+        EVAL_HTML,
+        EVAL_PLOT_RECALL,
+        EVAL_PLOT_BREAKDOWN,
+        EVAL_PLOT_ANN,
+        EVAL_PLOT_MAP,
+    ),
 }
 
 
@@ -211,7 +227,7 @@ def run_stage(
             run_id, {**rec.metrics, "seconds": rec.seconds, "peak_rss_mb": rec.peak_rss_mb}
         )
         tracker.log_metrics(run_id, {f"rows_{k}": v for k, v in rec.rows.items()})
-        files = [run.path(p) for p in _ARTIFACTS.get(stage, ())]
+        files = [run.path(p) for p in _ARTIFACTS.get(stage, ()) if run.path(p).exists()]
         if stage == "export":
             files.append(run.path(rec.outputs["bundle"]))
         tracker.log_artifacts(run_id, files, artifact_path=stage)

@@ -17,6 +17,7 @@ for _k, _v in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
+    "ORT_DISABLE_TELEMETRY": "1",
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }.items():
     os.environ[_k] = _v

@@ -60,7 +60,16 @@ def test_flow_runs_every_stage_and_tracks_them(flow_run) -> None:
     export_files = {a.path for a in client.list_artifacts(nested["export"]["run_id"], "export")}
     bundle = next(iter(export_files))
     inner = {Path(a.path).name for a in client.list_artifacts(nested["export"]["run_id"], bundle)}
-    assert {"manifest.json", "index.faiss", "user_tower.pt2"} <= inner
+    assert {"manifest.json", "index.faiss", "user_tower.pt2", "user_tower.onnx"} <= inner
+    # the evaluate stage's HTML report and plots, the index stage's tuning sweep
+    eval_files = {
+        Path(a.path).name for a in client.list_artifacts(nested["evaluate"]["run_id"], "evaluate")
+    }
+    assert {"summary.json", "report.md", "report.html", "recall_at_k.png"} <= eval_files
+    index_files = {
+        Path(a.path).name for a in client.list_artifacts(nested["index"]["run_id"], "index")
+    }
+    assert {"meta.json", "sweep.json", "sweep.png"} <= index_files
     assert any((run.path(EXPORT_DIR)).iterdir())
 
 

@@ -117,3 +117,96 @@ def test_bundle_without_user_attributes_serves(tmp_path: Path) -> None:
     raw = dict(zip(vocab["user_idx"].to_list(), vocab["user"].to_list(), strict=True))
     served = Retriever(_bundle(run)).recommend_ids([raw[int(u)] for u in users], k=10)
     np.testing.assert_array_equal(served, offline)
+
+
+# -- the serving contract: ONNX tower, request transforms, index parameters ------------------
+def _copy_run(run, tmp_path: Path):
+    from pipeline.rundir import RunDir
+
+    copy = tmp_path / "run"
+    shutil.copytree(run.root, copy)
+    return RunDir(copy)
+
+
+def test_manifest_records_onnx_check_index_and_request_transforms(tiny_run) -> None:
+    cfg, run = tiny_run
+    bundle = _bundle(run)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "user_tower.onnx" in manifest["files"]
+    onnx = manifest["user_tower"]["onnx"]
+    assert onnx["file"] == "user_tower.onnx" and onnx["opset"] >= 17
+    assert 0 <= onnx["max_abs_diff"] < onnx["tolerance"] == cfg.export.onnx_tolerance
+    assert onnx["rows_checked"] > 1
+    assert {"onnx", "onnxruntime", "numpy", "python"} <= set(manifest["versions"])
+    index = manifest["index"]
+    assert index["dim"] == manifest["dim"] and index["metric"] == manifest["metric"]
+    assert index["type"].startswith("Index") and "factory" in index
+    assert isinstance(index["search"], dict)
+    meta = json.loads((bundle / "feature_meta.json").read_text())
+    names = ["user_idx", "history", *[f"ua_{n}" for n in meta["user_attr_order"]]]
+    assert meta["request"]["inputs"] == names == onnx["inputs"]
+    assert meta["request"]["history"]["keep_last"] == meta["history_len"]
+    assert meta["user_attr_order"], "the tiny data set has user attributes"
+    for name in meta["user_attr_order"]:
+        assert meta["user_attrs"][name]["values"], name
+
+
+def test_onnx_disagreement_fails_the_export_and_leaves_no_bundle(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.export as export
+
+    cfg, run = tiny_run
+    copy = _copy_run(run, tmp_path)
+    monkeypatch.setattr(export, "max_abs_diff", lambda *a, **kw: 0.5)
+    with pytest.raises(ArtifactError, match=r"user_tower.onnx: onnxruntime and torch disagree"):
+        export_stage(cfg.export.model_copy(update={"version": "v2"}), copy)
+    assert sorted(p.name for p in (copy.root / EXPORT_DIR).iterdir()) == ["v1"]
+
+
+def test_bundle_without_onnx_serves_with_torch_only(tiny_run, tmp_path: Path) -> None:
+    cfg, run = tiny_run
+    copy = _copy_run(run, tmp_path)
+    export_stage(cfg.export.model_copy(update={"version": "torch", "onnx": False}), copy)
+    bundle = copy.path(EXPORT_DIR) / "torch"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "user_tower.onnx" not in manifest["files"] and "onnx" not in manifest["user_tower"]
+    assert Retriever(bundle).backend == "torch"
+    with pytest.raises(BundleError, match="user_tower.onnx: this bundle has no ONNX tower"):
+        Retriever(bundle, backend="onnx")
+
+
+def test_ivf_bundle_keeps_nprobe_and_answers_like_offline_evaluation(
+    tiny_run, tmp_path: Path
+) -> None:
+    """Index search parameters travel in the manifest and serving re-applies them."""
+    import faiss
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_all
+
+    _, run = tiny_run
+    copy = _copy_run(run, tmp_path)
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
+        [
+            "tracking.enabled=false",
+            "export.version=ivf",
+            "index.factory=IVF4,Flat",
+            "index.nprobe=2",
+            "index.tune=false",
+        ],
+    )
+    run_all(cfg, copy, stages=["index", "evaluate", "export"])
+    bundle = copy.path(EXPORT_DIR) / "ivf"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["index"]["search"] == {"nprobe": 2}
+    retriever = Retriever(bundle)
+    assert faiss.extract_index_ivf(retriever.index).nprobe == 2
+    users, vecs = read_vectors(copy.path(USER_EMBEDDINGS), "user_idx")
+    _, exclude = user_sets(copy, users)
+    offline = topk_index(load_index(copy.path(INDEX)), vecs, exclude, 10)
+    vocab = pl.read_parquet(copy.path(USER_VOCAB))
+    raw = dict(zip(vocab["user_idx"].to_list(), vocab["user"].to_list(), strict=True))
+    served = retriever.recommend_ids([raw[int(u)] for u in users], k=10)
+    np.testing.assert_array_equal(served, offline)

@@ -107,10 +107,14 @@ def test_user_balanced_rows_draw_users_uniformly_and_match_their_counts() -> Non
     g = torch.Generator().manual_seed(0)
     draws = torch.cat([user_balanced_rows(users, g) for _ in range(3000)])  # 60,000 rows
     per_user = torch.bincount(users[draws], minlength=4).double() / len(draws)
-    assert torch.allclose(per_user, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01)  # not 1/20 .. 12/20
+    assert torch.allclose(
+        per_user, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01
+    )  # not 1/20 .. 12/20
     # within a user, rows are uniform: user 3's 12 rows each ~ 1/4 * 1/12
     per_row = torch.bincount(draws, minlength=len(users)).double() / len(draws)  # float64
-    assert torch.allclose(per_row[users == 3], torch.full((12,), 0.25 / 12, dtype=torch.float64), atol=0.004)
+    assert torch.allclose(
+        per_row[users == 3], torch.full((12,), 0.25 / 12, dtype=torch.float64), atol=0.004
+    )
     # the logQ weights are these draw frequencies up to a constant
     weights = user_balanced_counts(users, items, len(users) + 1)[1:]
     assert torch.allclose(weights / weights.sum(), per_row, atol=0.004)
