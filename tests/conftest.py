@@ -55,3 +55,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     run = RunDir(tmp_path_factory.mktemp("tiny") / "run")
     run_all(cfg, run)
     return cfg, run
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """faiss' OpenMP threads spin-wait: on a shared, loaded CPU one thread is far faster."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

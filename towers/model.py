@@ -198,6 +198,20 @@ def _embedding(rows: int, dim: int, std: float, padding_idx: int | None = None) 
     return emb
 
 
+def _shared_table(
+    table: nn.Embedding | None, name: str, rows: int, rows_name: str, cfg: TowerConfig
+) -> nn.Embedding:
+    """``table`` (another tower's, shared) after checking its shape, or a new own table."""
+    if table is None:
+        return _embedding(rows, cfg.dim, cfg.init_std)
+    if tuple(table.weight.shape) != (rows, cfg.dim):
+        raise ValueError(
+            f"{name} has shape {tuple(table.weight.shape)}, expected "
+            f"({rows_name}, dim) = ({rows}, {cfg.dim})"
+        )
+    return table
+
+
 def _drop_entries(keep: Tensor, p: float, training: bool) -> Tensor:
     """``keep`` (B, L) with each kept entry dropped with chance ``p`` while training.
 
@@ -367,25 +381,12 @@ class UserTower(nn.Module):
         self.normalize = cfg.normalize
         self.attr_names = [s.name for s in cfg.user_attrs]
         self.history_dropout = cfg.history_dropout
-        if id_table is not None and tuple(id_table.weight.shape) != (cfg.n_users, cfg.dim):
-            raise ValueError(
-                f"id_table has shape {tuple(id_table.weight.shape)}, expected "
-                f"(n_users, dim) = ({cfg.n_users}, {cfg.dim})"
-            )
         self.id_emb = None
         if cfg.user_id:
-            own = id_table is None
-            self.id_emb = _embedding(cfg.n_users, cfg.dim, cfg.init_std) if own else id_table
+            self.id_emb = _shared_table(id_table, "id_table", cfg.n_users, "n_users", cfg)
         self.history_emb: nn.Embedding | None = None
         if cfg.user_history:
-            if item_table is None:
-                item_table = _embedding(cfg.n_items, cfg.dim, cfg.init_std)
-            elif tuple(item_table.weight.shape) != (cfg.n_items, cfg.dim):
-                raise ValueError(
-                    f"item_table has shape {tuple(item_table.weight.shape)}, expected "
-                    f"(n_items, dim) = ({cfg.n_items}, {cfg.dim})"
-                )
-            self.history_emb = item_table
+            self.history_emb = _shared_table(item_table, "item_table", cfg.n_items, "n_items", cfg)
         self.attrs = _AttrEmbeddings(cfg.user_attrs, cfg.dim, cfg.init_std, USER_ATTR_PREFIX)
         n_parts = int(cfg.user_id) + int(cfg.user_history) + len(cfg.user_attrs)
         self.gated = cfg.combine == "gated"
@@ -449,14 +450,7 @@ class ItemTower(nn.Module):
         self.id_emb = _embedding(cfg.n_items, cfg.dim, cfg.init_std) if cfg.item_id else None
         self.audience_emb: nn.Embedding | None = None
         if cfg.item_audience:
-            if user_table is None:
-                user_table = _embedding(cfg.n_users, cfg.dim, cfg.init_std)
-            elif tuple(user_table.weight.shape) != (cfg.n_users, cfg.dim):
-                raise ValueError(
-                    f"user_table has shape {tuple(user_table.weight.shape)}, expected "
-                    f"(n_users, dim) = ({cfg.n_users}, {cfg.dim})"
-                )
-            self.audience_emb = user_table
+            self.audience_emb = _shared_table(user_table, "user_table", cfg.n_users, "n_users", cfg)
         self.attrs = _AttrEmbeddings(cfg.item_attrs, cfg.dim, cfg.init_std, ITEM_ATTR_PREFIX)
         n_parts = int(cfg.item_id) + int(cfg.item_audience) + len(cfg.item_attrs)
         self.combine = _Combine(n_parts, cfg)

@@ -21,14 +21,7 @@ from pipeline.ann_tune import (
 )
 from pipeline.index import build_index
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """faiss' OpenMP threads spin-wait: on a shared, loaded CPU one thread is far faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see tests/conftest.py
 
 
 def clustered(n: int, dim: int = 16, clusters: int = 20, seed: int = 0) -> np.ndarray:

@@ -39,14 +39,7 @@ from pipeline.rundir import (
     write_parquet,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """faiss' OpenMP threads spin-wait: on a shared, loaded CPU one thread is far faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see tests/conftest.py
 
 
 def data(n=400, dim=8, seed=0):
