@@ -150,9 +150,9 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-3, gt=0)  # AdamW learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     sampling: Literal["events", "users"] = "events"  # rows: shuffled, or a uniform user first
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> lr_min over `epochs`
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: lr -> lr_min over `epochs`
     lr_min: float = Field(0.0, ge=0)  # cosine: the learning rate reached at the last epoch
-    patience: int = Field(2, ge=1)  # epochs without valid improvement before stopping
+    patience: int = Field(4, ge=1)  # epochs without valid improvement before stopping
     valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
     seed: int = 0  # seed of init and batch order
     refit: bool = True  # after selection, retrain on train+valid for the best epoch count

@@ -126,7 +126,7 @@ def test_learning_rate_schedule_values() -> None:
     from pipeline.config import TrainConfig
     from pipeline.train import learning_rate
 
-    const = TrainConfig(lr=0.01, epochs=10)
+    const = TrainConfig(lr=0.01, epochs=10, lr_schedule="constant")
     assert learning_rate(const, 7.5) == 0.01
     cos = TrainConfig(lr=0.01, epochs=10, lr_schedule="cosine", lr_min=0.002)
     assert learning_rate(cos, 0.0) == pytest.approx(0.01)
