@@ -212,6 +212,18 @@ def _shared_table(
     return table
 
 
+def _pool(
+    table: nn.Embedding, idx: Tensor, exclude: Tensor | None, dropout: float, training: bool
+) -> Tensor:
+    """Masked mean of ``table`` rows ``idx`` (B, L) -> (B, D): padding (0) and the row's
+    ``exclude`` (B,) left out, entries dropped with chance ``dropout`` while training."""
+    keep = idx != 0  # (B, L) padding out
+    if exclude is not None:
+        keep = keep & (idx != exclude.unsqueeze(1))  # (B, L)
+    keep = _drop_entries(keep, dropout, training)  # (B, L)
+    return masked_mean_embedding(table.weight, idx, keep)  # (B, D)
+
+
 def _drop_entries(keep: Tensor, p: float, training: bool) -> Tensor:
     """``keep`` (B, L) with each kept entry dropped with chance ``p`` while training.
 
@@ -416,11 +428,9 @@ class UserTower(nn.Module):
         if self.history_emb is not None:
             if history is None:
                 raise ValueError("the user tower has user_history=True but history is None")
-            keep = history != 0  # (B, H) padding out
-            if exclude is not None:
-                keep = keep & (history != exclude.unsqueeze(1))  # (B, H) the positive out
-            keep = _drop_entries(keep, self.history_dropout, self.training)  # (B, H)
-            parts.append(masked_mean_embedding(self.history_emb.weight, history, keep))  # (B, D)
+            parts.append(  # (B, D) the positive out of the mean
+                _pool(self.history_emb, history, exclude, self.history_dropout, self.training)
+            )
         if self.attr_names:
             parts.extend(self.attrs(attrs or {}))  # each (B, D)
         if self.gated:
@@ -477,11 +487,11 @@ class ItemTower(nn.Module):
         if self.audience_emb is not None:
             if audience is None:
                 raise ValueError("the item tower has item_audience=True but audience is None")
-            keep = audience != 0  # (B, A) padding out
-            if exclude_user is not None:
-                keep = keep & (audience != exclude_user.unsqueeze(1))  # (B, A) own user out
-            keep = _drop_entries(keep, self.history_dropout, self.training)  # (B, A)
-            parts.append(masked_mean_embedding(self.audience_emb.weight, audience, keep))
+            parts.append(  # (B, D) the row's own user out of the mean
+                _pool(
+                    self.audience_emb, audience, exclude_user, self.history_dropout, self.training
+                )
+            )
         if self.attr_names:
             parts.extend(self.attrs(attrs or {}))  # each (B, D)
         x = self.combine(parts)  # (B, D)
