@@ -7,7 +7,7 @@ matrices with vectorised numpy, and a batch is a set of index gathers into those
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,11 @@ class FeatureTensors:
         for name, table in self.user_attrs.items():
             batch[f"ua_{name}"] = table[user_idx]
         return batch
+
+    def without_audience(self) -> FeatureTensors:
+        """These tensors with the audiences dropped: item batches then skip their gather
+        (for a model whose item tower has no audience)."""
+        return replace(self, audience_train=None, audience_all=None)
 
     def item_batch(
         self, item_idx: torch.Tensor, audience: str = "train"

@@ -44,6 +44,8 @@ def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
     t0 = time.time()
     model, ckpt = load_model(run.path(BEST_CHECKPOINT))
     ft = load_feature_tensors(run)
+    if not model.config.item_audience:
+        ft = ft.without_audience()
     item_vecs = encode_items(model, ft, "all", batch_size).numpy()  # (n_items - 1, dim)
     test_users, _ = load_pairs(run, ["test"])
     users = np.unique(test_users)

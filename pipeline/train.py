@@ -476,6 +476,8 @@ def train_stage(
         raise ValueError(f"{run.root}: the train split is empty; nothing to train on")
     val = _validation_set(run, tu, ti)
     tcfg = tower_config(spec.model, ft.meta)
+    if not tcfg.item_audience:
+        ft = ft.without_audience()
     spec_hash = spec.hash()
     select = _Phase(
         "select",
