@@ -11,6 +11,7 @@ from rich.console import Console
 
 import flows.env  # noqa: F401  (telemetry off, Prefect start-up timeout, before any import)
 from pipeline.config import Config, ConfigError, load_config, resolve_config
+from pipeline.lock import PipelineBusyError
 from pipeline.rundir import EVAL_REPORT, ArtifactError, RunDir
 from pipeline.runner import STAGES, TrackingContext, check_run_config, run_stage
 
@@ -32,27 +33,61 @@ def _fail(message: str) -> None:
 def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    workdir: Annotated[Path, typer.Option("--workdir", help="where run directories go")] = Path(
-        "runs"
-    ),
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir", help="where run directories go [default: runs, or --run's parent]"
+        ),
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run",
+            help="re-run this run directory (default config: its own): unchanged stages are "
+            "skipped, a failed stage and the later ones run again, training resumes",
+        ),
+    ] = None,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            "--reuse/--no-reuse", help="skip stages whose inputs and config are unchanged"
+        ),
+    ] = True,
 ) -> None:
-    """Run every stage as the Prefect ``retrain`` flow; the last line printed is the run dir."""
+    """Run every stage as the Prefect ``retrain`` flow; the last line printed is the run dir.
+
+    Re-running with unchanged config and raw data lands in the same run directory and skips
+    the finished stages; two retrains of one pipeline never run at once (a lock file).
+    """
     try:
+        if run_dir is not None and config is None:
+            if not (run_dir / "config.yaml").is_file():
+                raise ArtifactError(f"{run_dir}: no config.yaml (is it a run directory?)")
+            config = run_dir / "config.yaml"  # the run's own resolved config
         load_config(config, set_ or [])  # fail fast, before Prefect starts
         from flows.retrain import retrain
 
-        run_dir = retrain(
-            config=str(config) if config else None, overrides=set_ or [], workdir=str(workdir)
+        if workdir is None:
+            workdir = run_dir.parent if run_dir is not None else Path("runs")
+        out = retrain(
+            config=str(config) if config else None,
+            overrides=set_ or [],
+            workdir=str(workdir),
+            run_dir=str(run_dir) if run_dir is not None else None,
+            reuse=reuse,
         )
-    except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError) as exc:
         _fail(str(exc))
-    rd = RunDir(run_dir)
+    rd = RunDir(out)
     manifest = rd.manifest()
     ml = manifest.get("mlflow", {})
     summary = manifest.get("stages", {}).get("evaluate", {}).get("metrics", {})
     headline = {k: round(v, 4) for k, v in summary.items() if k.endswith("@20")}
     if headline:
         print(f"metrics: {json.dumps(headline)}")
+    skipped = [s for s, r in manifest.get("stages", {}).items() if r.get("skipped")]
+    if skipped:
+        print(f"skipped (inputs unchanged): {', '.join(skipped)}")
     print(f"mlflow: {ml.get('tracking_uri', '(tracking off)')} run {ml.get('parent_run_id', '')}")
     print(f"report: {rd.path(EVAL_REPORT)}")
     print(f"run directory: {rd.root}")
@@ -77,6 +112,10 @@ def _run_single(
         if stage != "ingest" and not rd.root.is_dir():
             raise ArtifactError(f"{rd.root}: run directory does not exist")
         cfg = _stage_config(rd, config, overrides)
+        if stage in ("features", "train"):
+            from pipeline.gate import resolve_champion  # "champion" -> the bundle's path
+
+            cfg = resolve_champion(cfg, rd.root.parent)
         check_run_config(rd, cfg, stage)
         tracker = Tracker(cfg.tracking, rd.root.parent)
         parent = rd.manifest().get("mlflow", {}).get("parent_run_id", "")
@@ -119,6 +158,7 @@ def train(
 
 
 import flows.cli_report  # noqa: E402,F401  (registers report, compare)
+import flows.cli_schedule  # noqa: E402,F401  (registers schedule)
 from flows import cli_serve  # noqa: E402,F401  (registers recommend, register)
 
 if __name__ == "__main__":

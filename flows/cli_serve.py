@@ -1,4 +1,5 @@
-"""``twotower recommend`` and ``twotower register``: serve from a bundle, publish a bundle.
+"""``twotower recommend``, ``register`` and ``gate``: serve from a bundle, publish a bundle,
+gate a run's bundle against the registry's champion.
 
 Registered on the ``app`` of :mod:`flows.cli` (which imports this module at its end).
 """
@@ -12,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import _fail, app
-from pipeline.rundir import ArtifactError
+from flows.cli import ConfigOpt, SetOpt, _fail, _stage_config, app
+from pipeline.rundir import ArtifactError, RunDir
 
 
 def parse_attributes(pairs: list[str], multi: set[str]) -> dict[str, str | list[str]]:
@@ -100,3 +101,41 @@ def register(
     print(json.dumps({"name": name, "version": version, "alias": alias, "tracking_uri": uri}))
     if alias:
         print(model_uri(name, alias))
+
+
+@app.command()
+def gate(
+    run_dir: Annotated[Path, typer.Option("--run", help="a finished run directory (exported)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow store; default the run's, else tracking.uri / $MLFLOW_TRACKING_URI",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="decide again even if the run already gated this bundle"),
+    ] = False,
+) -> None:
+    """Gate a finished run's bundle against the registry's champion; prints the decision.
+
+    Registers the bundle and promotes it only if its registry.metric on the run's test split
+    is at least the champion's minus registry.tolerance (exit code 0 either way).
+    """
+    from pipeline.config import ConfigError
+    from pipeline.gate import GateError, run_gate
+    from pipeline.registry import RegistryError
+    from pipeline.serving import BundleError
+
+    rd = RunDir(run_dir)
+    try:
+        if not rd.root.is_dir():
+            raise ArtifactError(f"{rd.root}: run directory does not exist")
+        cfg = _stage_config(rd, config, set_ or [])
+        decision = run_gate(cfg, rd, tracking_uri=tracking_uri, reuse=not force)
+    except (ConfigError, GateError, RegistryError, BundleError, ArtifactError, ValueError) as exc:
+        _fail(str(exc))
+    print(json.dumps(decision.to_dict()))

@@ -3,25 +3,34 @@
 Runs with no server (Prefect's ephemeral local mode) or against a Prefect server when
 ``PREFECT_API_URL`` is set. Tasks are the stages of ``pipeline.runner``; the I/O-bound ones
 (ingest, export) retry on failure. Stage inputs pass through the run directory only.
+
+Re-runs are cheap: the default run directory is named by the hash of the config and the raw
+inputs, a stage whose inputs (config sections, upstream outputs, raw files) are unchanged and
+whose outputs are intact is skipped (its task ends in a Completed state named "Skipped"), and
+an interrupted training resumes from its checkpoint. The whole flow holds the pipeline's lock
+(``pipeline.lock``): a second retrain of the same config name in the same work directory
+fails at once, naming the lock file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 import flows.env  # noqa: F401  (sets telemetry/timeouts before prefect is imported)
 from pipeline.config import Config, load_config
+from pipeline.lock import pipeline_lock
 from pipeline.rundir import EVAL_REPORT, RunDir, StageRecord
 from pipeline.runner import (
     STAGES,
     TrackingContext,
+    default_run_dir,
     finish_tracking,
     init_run,
-    new_run_dir,
     run_stage,
 )
 from pipeline.tracking import Tracker
@@ -31,9 +40,30 @@ RETRIES: dict[str, int] = {"ingest": 2, "export": 2}
 
 
 @task(cache_policy=NO_CACHE)
-def stage_task(stage: str, cfg: Config, run: RunDir, tracking: TrackingContext) -> StageRecord:
-    """One pipeline stage as a Prefect task."""
-    return run_stage(stage, cfg, run, tracking)
+def stage_task(
+    stage: str, cfg: Config, run: RunDir, tracking: TrackingContext, reuse: bool = True
+) -> StageRecord | State:
+    """One pipeline stage as a Prefect task; a skipped stage ends in a "Skipped" state."""
+    rec = run_stage(stage, cfg, run, tracking, reuse=reuse)
+    if rec.skipped:
+        message = f"{stage} skipped: inputs unchanged (input hash {rec.input_hash[:12]})"
+        get_run_logger().info(message)
+        return Completed(data=rec, name="Skipped", message=message)
+    return rec
+
+
+@task(cache_policy=NO_CACHE, name="gate")
+def gate_task(cfg: Config, run: RunDir, work: Path, reuse: bool = True) -> dict:
+    """The champion gate after export (``pipeline.gate``): register the bundle, promote it or
+    not, and show the decision as the markdown artifact "champion-gate"."""
+    from pipeline.gate import decision_markdown, run_gate  # lazily: MLflow registry, serving
+
+    decision = run_gate(cfg, run, workdir=work, reuse=reuse)
+    get_run_logger().info(f"gate: {decision.reason} (version {decision.version})")
+    create_markdown_artifact(
+        markdown=decision_markdown(decision), key="champion-gate", description=f"{run.root}"
+    )
+    return decision.to_dict()
 
 
 @flow(name="retrain")
@@ -42,11 +72,43 @@ def retrain(
     overrides: list[str] | None = None,
     workdir: str = "runs",
     run_dir: str | None = None,
+    reuse: bool = True,
+    until: str | None = None,
 ) -> str:
-    """Ingest → features → train → embed → index → evaluate → export; returns the run dir."""
-    cfg = load_config(config, overrides or [])
+    """Ingest → features → train → embed → index → evaluate → export; returns the run dir.
+
+    ``run_dir`` defaults to ``<workdir>/<name>-<hash of config and raw inputs>``; ``reuse``
+    skips unchanged stages and resumes an interrupted training (False re-runs every stage).
+    With ``registry.enabled`` the champion gate (``pipeline.gate``) runs after export.
+    ``until`` sets ``data.until``; ``"scheduled"`` means this flow run's scheduled start
+    time, so a scheduled run (or its retry) always sees the interactions up to its slot.
+    ``train.warm_start`` / ``features.vocab_from`` set to ``champion`` start from the bundle
+    the registry's alias points at (:func:`pipeline.gate.resolve_champion`).
+    """
+    overrides = list(overrides or [])
+    if until is not None:
+        overrides.append(f"data.until={_until(until)}")
+    cfg = load_config(config, overrides)
     work = Path(workdir)
-    run = RunDir(run_dir) if run_dir else new_run_dir(work, cfg)
+    with pipeline_lock(work, cfg.name):
+        return _retrain(cfg, work, run_dir, reuse)
+
+
+def _until(until: str) -> str:
+    """``data.until`` as ISO text: ``"scheduled"`` = the flow run's scheduled start time."""
+    if until != "scheduled":
+        return until
+    from prefect.runtime import flow_run
+
+    return flow_run.scheduled_start_time.isoformat()
+
+
+def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool) -> str:
+    """The flow's body, run while the pipeline's lock is held."""
+    from pipeline.gate import resolve_champion  # lazily: the MLflow registry
+
+    cfg = resolve_champion(cfg, work)
+    run = RunDir(run_dir) if run_dir else default_run_dir(work, cfg)
     init_run(run, cfg)
     tracker = Tracker(cfg.tracking, work)
     parent = tracker.start(f"{cfg.name}/{run.root.name}", tags={"run_dir": str(run.root.resolve())})
@@ -64,7 +126,9 @@ def retrain(
         for stage in STAGES:
             stage_task.with_options(
                 name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=2
-            )(stage, cfg, run, ctx)
+            )(stage, cfg, run, ctx, reuse, return_state=True).result()
+        if cfg.registry.enabled:
+            gate_task(cfg, run, work, reuse)
         ok = True
     finally:
         finish_tracking(ctx, run, ok)

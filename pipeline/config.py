@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +62,7 @@ class DataConfig(_Strict):
     items_path: str | None = None  # table source: optional item attribute table
     columns: ColumnMap = ColumnMap()  # table source: column mapping
     synthetic: SyntheticConfig = SyntheticConfig()  # synthetic source parameters
+    until: datetime | None = None  # keep interactions with timestamp <= until (naive = UTC)
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -80,6 +82,7 @@ class FeaturesConfig(_Strict):
     history_len: int = Field(50, ge=0)  # last N train items kept as the user's history
     audience_len: int = Field(50, ge=0)  # last N users of each item kept as its audience
     seed: int = 0  # seed for the random validation carve
+    vocab_from: str | None = None  # previous run dir or bundle: old ids keep their rows
 
 
 class ModelConfig(_Strict):
@@ -158,6 +161,7 @@ class TrainConfig(_Strict):
     refit: bool = True  # after selection, retrain on train+valid for the best epoch count
     threads: int | None = None  # torch intra-op threads; None = torch's default
     progress: bool = True  # show a progress bar
+    warm_start: str | None = None  # previous run dir or bundle: known ids' rows start from it
 
 
 class IndexConfig(_Strict):
@@ -244,6 +248,7 @@ class ExportConfig(_Strict):
     onnx: bool = True  # also write the user tower as ONNX (user_tower.onnx), checked at export
     onnx_tolerance: float = Field(1e-4, gt=0)  # max |onnxruntime - torch| on the check batch
     onnx_check_rows: int = Field(512, ge=1)  # users (from row 0, the OOV row) in the check batch
+    weights: bool = True  # ship model.pt (both towers' weights) so a run can warm-start from it
 
 
 class TrackingConfig(_Strict):
@@ -252,6 +257,36 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in the work directory
     experiment: str = "twotower"
+
+
+class RegistryConfig(_Strict):
+    """The MLflow Model Registry and the champion gate (:mod:`pipeline.gate`).
+
+    After export, the new bundle is registered as a new version of ``model_name`` in the store
+    of ``tracking:`` and gets ``alias`` only if its ``metric`` on the run's test split is at
+    least the current champion's (scored on the same split) minus ``tolerance``.
+    """
+
+    enabled: bool = False  # run the gate after export in the retrain flow
+    model_name: str = "twotower"  # registered model name
+    alias: str = "champion"  # the alias the gate moves (models:/<model_name>@<alias>)
+    challenger_alias: str | None = "challenger"  # alias of the latest refused version; None=none
+    metric: str = "recall@20"  # "recall@k" or "ndcg@k", on the run's test split
+    tolerance: float = Field(0.0, ge=0)  # absolute: promote if new >= champion - tolerance
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_form(cls, value: str) -> str:
+        name, _, k = value.strip().partition("@")
+        if name not in ("recall", "ndcg") or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"expected 'recall@k' or 'ndcg@k' with k >= 1, got {value!r}")
+        return f"{name}@{int(k)}"
+
+    @model_validator(mode="after")
+    def _aliases_differ(self) -> RegistryConfig:
+        if self.challenger_alias is not None and self.challenger_alias == self.alias:
+            raise ValueError("registry.challenger_alias must differ from registry.alias")
+        return self
 
 
 class Config(_Strict):
@@ -268,6 +303,7 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
     def _metric_agrees(self) -> Config:
@@ -313,7 +349,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each dotted ``key=value`` override in a nested dict (a copy is returned)."""
-    out = json.loads(json.dumps(raw))
+    out = json.loads(json.dumps(raw, default=str))  # YAML datetimes (data.until) -> ISO text
     for text in overrides:
         path, value = parse_override(text)
         node = out

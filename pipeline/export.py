@@ -8,6 +8,8 @@ Bundle layout (``export/<version>/``; the file names are :mod:`pipeline.serving`
 - ``users.parquet``        raw user id -> user row, recent history, seen items, attribute codes
 - ``user_tower.pt2``       the user tower as a ``torch.export`` program (``torch.export.load``)
 - ``user_tower.onnx``      the same tower as ONNX, checked against torch with onnxruntime
+- ``model.pt``             both towers' weights and tower config (``export.weights``), so a
+                           later run can warm-start from the bundle (``train.warm_start``)
 - ``feature_meta.json``    attribute vocabularies (value ``values[i]`` -> code ``i + 1``), table
                            sizes, the tower's input order and the transforms a raw request needs
 - ``manifest.json``        versions, dim, metric, normalisation, index parameters, evaluation
@@ -24,6 +26,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ from pipeline.serving import (
     ITEMS_FILE,
     MANIFEST_FILE,
     META_FILE,
+    MODEL_FILE,
     ONNX_FILE,
     TOWER_FILE,
     USERS_FILE,
@@ -210,6 +214,7 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
             "index": _index_params(index_meta, tmp / INDEX_FILE),
             "metrics": {k: summary.get(k, {}) for k in ("index", "exact", "popularity")},
             "user_tower": tower,
+            "weights": MODEL_FILE if cfg.weights else None,
             "run": {
                 "config": run.manifest().get("config", {}),
                 "code_version": run.manifest().get("code_version"),
@@ -270,6 +275,9 @@ def _request_spec(history_len: int, names: list[str]) -> dict[str, Any]:
 def _write_bundle(cfg: ExportConfig, run: RunDir, out: Path) -> dict[str, Any]:
     """Write every bundle file but the manifest into ``out``; returns the tower's manifest part."""
     model, _ = load_model(run.path(BEST_CHECKPOINT))
+    if cfg.weights:  # plain tensors and dicts: torch.load(..., weights_only=True) reads it
+        weights = {"tower_config": asdict(model.config), "model": model.state_dict()}
+        torch.save(weights, out / MODEL_FILE)
     ft = load_feature_tensors(run)
     meta = read_json(run.path(FEATURE_META))
     example = ft.user_batch(torch.arange(1, min(ft.n_users, 3)), "all")

@@ -17,6 +17,14 @@ Outputs (paths from :mod:`pipeline.rundir`):
   attributes.
 - ``FEATURE_META``: sizes (including the OOV row), attribute vocabularies, split counts.
 
+With ``features.vocab_from`` (an earlier run directory or bundle, :mod:`pipeline.previous`)
+the vocabularies are *extended* instead: every old id keeps its old row, also when it is absent
+from this data, and the ids new in this data are appended after them (shortlex among
+themselves); attribute values likewise keep their old codes and new values are appended. Rows
+of the same id then mean the same thing in both runs, which is what a warm start
+(``train.warm_start``) and the consumers of a bundle's ids rely on. An old attribute whose
+column is gone from this data is dropped (its table would only ever see "missing").
+
 Attributes are encoded the same way everywhere (see :func:`fit_attributes` and
 :func:`encode_attributes`): a categorical attribute becomes an int32 code (0 = missing or
 unknown, 1..c = the sorted values), a multi-valued one a list of such codes (unknown values
@@ -36,6 +44,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.config import FeaturesConfig, section_hash
+from pipeline.previous import Previous, open_previous
 from pipeline.rundir import (
     EVENTS,
     FEATURE_META,
@@ -95,6 +104,23 @@ def build_vocab(ids: pl.LazyFrame, id_col: str, idx_col: str) -> pl.DataFrame:
         .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias(idx_col))
         .collect()
     )
+
+
+def extend_vocab(old: pl.Series, ids: pl.LazyFrame, id_col: str, idx_col: str) -> pl.DataFrame:
+    """Old ids keep rows 1..m (``old[r - 1]`` is row r's id), also when absent from ``ids``;
+    the distinct ``id_col`` values of ``ids`` not among them get rows m+1.. in shortlex order."""
+    kept = pl.DataFrame({id_col: old.cast(pl.String)}).with_columns(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias(idx_col)
+    )
+    new = build_vocab(ids.join(kept.lazy().select(id_col), on=id_col, how="anti"), id_col, idx_col)
+    return pl.concat([kept, new.with_columns(pl.col(idx_col) + kept.height)])
+
+
+def vocab_counts(n_rows: int, present: pl.Series, n_old: int, name: str) -> dict[str, int]:
+    """``<name>_old`` (rows kept from the earlier vocabulary), ``<name>_new`` (appended) and
+    ``<name>_absent`` (old rows not among ``present``, the rows this data uses)."""
+    seen_old = present.filter((present >= 1) & (present <= n_old)).n_unique()
+    return {f"{name}_old": n_old, f"{name}_new": n_rows - n_old, f"{name}_absent": n_old - seen_old}
 
 
 # -- splits -------------------------------------------------------------------------------
@@ -294,6 +320,26 @@ def encode_attributes(frame: Frame, attrs: dict[str, Any]) -> Frame:
     return frame.with_columns(exprs) if exprs else frame
 
 
+def extend_attributes(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """Attribute vocabularies ``new`` (:func:`fit_attributes`) with the old codes kept.
+
+    An attribute in both with the same kind keeps ``old``'s values in order (codes unchanged,
+    also for values this data no longer has) followed by its new values (sorted); any other
+    attribute of ``new`` is as fitted. Attributes only in ``old`` are dropped.
+    """
+    out: dict[str, Any] = {}
+    for name, spec in new.items():
+        prev = old.get(name)
+        if prev is None or prev.get("kind") != spec["kind"]:
+            out[name] = spec
+            continue
+        known = [str(v) for v in prev["values"]]
+        seen = set(known)
+        values = known + [v for v in spec["values"] if v not in seen]
+        out[name] = {"kind": spec["kind"], "cardinality": len(values) + 1, "values": values}
+    return out
+
+
 def missing_codes(attrs: dict[str, Any]) -> dict[str, pl.Expr]:
     """Fill expressions giving rows without an attribute row code 0 / an empty list."""
     return {
@@ -303,9 +349,15 @@ def missing_codes(attrs: dict[str, Any]) -> dict[str, pl.Expr]:
 
 
 def _attribute_features(
-    raw_path: Path, vocab: pl.DataFrame, id_col: str, idx_col: str, reserved: tuple[str, ...]
+    raw_path: Path,
+    vocab: pl.DataFrame,
+    id_col: str,
+    idx_col: str,
+    reserved: tuple[str, ...],
+    old_attrs: dict[str, Any] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Fit and encode the attributes of the raw ``id_col`` table for the vocabulary members."""
+    """Fit and encode the attributes of the raw ``id_col`` table for the vocabulary members
+    (extending ``old_attrs``, an earlier run's vocabularies, when given)."""
     raw = read_parquet(raw_path, {id_col: "str"})
     for col in raw.columns:
         if col in reserved or col == idx_col:
@@ -314,6 +366,8 @@ def _attribute_features(
         raise ArtifactError(f"{raw_path}: column '{id_col}' has duplicate ids")
     known = vocab.join(raw, on=id_col, how="left").drop(id_col)  # one row per vocab member
     meta = fit_attributes(known, idx_col, raw_path)
+    if old_attrs is not None:
+        meta = extend_attributes(meta, old_attrs)
     return encode_attributes(known, meta), meta
 
 
@@ -330,10 +384,13 @@ def load_feature_meta(run: RunDir) -> dict[str, Any]:
     return meta
 
 
-def split_events(interactions: Path, cfg: FeaturesConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+def split_events(
+    interactions: Path, cfg: FeaturesConfig, old_users: pl.Series | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The user vocabulary and the events with ``user_idx`` and the final ``split``.
 
     Events are sorted by (user_idx, timestamp, row) and keep the raw ``item`` and ``row``.
+    ``old_users``: an earlier vocabulary to extend (:func:`extend_vocab`) instead of a new one.
     """
     lf = scan_parquet(interactions, INTERACTIONS_KINDS)
     if cfg.split == "given":
@@ -349,7 +406,10 @@ def split_events(interactions: Path, cfg: FeaturesConfig) -> tuple[pl.DataFrame,
     if cfg.valid_strategy == "random":
         key = np.random.default_rng(cfg.seed).random(n_rows)  # (n_rows,) one key per row
         lf = pl.concat([lf, pl.LazyFrame({"key": key})], how="horizontal")
-    user_vocab = build_vocab(lf, "user", "user_idx")
+    if old_users is None:
+        user_vocab = build_vocab(lf, "user", "user_idx")
+    else:
+        user_vocab = extend_vocab(old_users, lf, "user", "user_idx")
     lf = (
         lf.join(user_vocab.lazy(), on="user", how="left")
         .sort("user_idx", "timestamp", "row")
@@ -363,9 +423,17 @@ def split_events(interactions: Path, cfg: FeaturesConfig) -> tuple[pl.DataFrame,
 def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
     """Build the vocabularies, split events and user/item features; return the stage record."""
     start = time.perf_counter()
-    user_vocab, events = split_events(run.path(INTERACTIONS), cfg)
+    prev: Previous | None = None
+    if cfg.vocab_from is not None:
+        prev = open_previous(cfg.vocab_from, "features.vocab_from")
+    old_users = prev.vocabs.users if prev is not None else None
+    user_vocab, events = split_events(run.path(INTERACTIONS), cfg, old_users)
     ev = events.lazy()
-    item_vocab = build_vocab(ev.filter(pl.col("split") != "test"), "item", "item_idx")
+    learnt = ev.filter(pl.col("split") != "test")  # items the model can learn
+    if prev is None:
+        item_vocab = build_vocab(learnt, "item", "item_idx")
+    else:
+        item_vocab = extend_vocab(prev.vocabs.items, learnt, "item", "item_idx")
     ev = (
         ev.join(item_vocab.lazy(), on="item", how="left")
         .with_columns(pl.col("item_idx").fill_null(OOV))
@@ -375,6 +443,11 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
     ev = events_out.lazy()
 
     n_users, n_items = user_vocab.height, item_vocab.height
+    n_old_users = 0 if prev is None else len(prev.vocabs.users)
+    n_old_items = 0 if prev is None else len(prev.vocabs.items)
+    learnt_rows = events_out.filter(pl.col("split") != "test")["item_idx"]
+    vocab_rows = vocab_counts(n_users, events_out["user_idx"], n_old_users, "users")
+    vocab_rows |= vocab_counts(n_items, learnt_rows, n_old_items, "items")
     user_rows = pl.LazyFrame({"user_idx": np.arange(1, n_users + 1, dtype=np.int32)})
     item_rows = pl.LazyFrame({"item_idx": np.arange(1, n_items + 1, dtype=np.int32)})
     hist_len = cfg.history_len
@@ -400,10 +473,20 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         .collect()
     )
     user_attrs_df, user_attrs = _attribute_features(
-        run.path(RAW_USERS), user_vocab, "user", "user_idx", tuple(USER_FEATURES_KINDS)
+        run.path(RAW_USERS),
+        user_vocab,
+        "user",
+        "user_idx",
+        tuple(USER_FEATURES_KINDS),
+        prev.vocabs.user_attrs if prev is not None else None,
     )
     item_attrs_df, item_attrs = _attribute_features(
-        run.path(RAW_ITEMS), item_vocab, "item", "item_idx", tuple(ITEM_FEATURES_KINDS)
+        run.path(RAW_ITEMS),
+        item_vocab,
+        "item",
+        "item_idx",
+        tuple(ITEM_FEATURES_KINDS),
+        prev.vocabs.item_attrs if prev is not None else None,
     )
     users = (
         users.join(user_attrs_df, on="user_idx", how="left")
@@ -429,7 +512,8 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         "counts": count,
         "split": cfg.split,
         "oov_index": OOV,
-        "id_order": "shortlex",
+        "id_order": "shortlex" if prev is None else "extended",  # see the module docstring
+        "vocab_from": None if prev is None else str(prev.root),
         "test_oov_items": n_test_oov,
     }
     outputs = {
@@ -455,6 +539,7 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
             "users": n_users,
             "items": n_items,
             **{f"events_{s}": count[s] for s in SPLITS},
+            **vocab_rows,
         },
         metrics={
             **{f"n_{s}": float(count[s]) for s in SPLITS},

@@ -9,12 +9,18 @@ Outputs (paths from :mod:`pipeline.rundir`):
 
 An attribute column is ``Utf8`` (categorical) or ``List(Utf8)`` (multi-valued). Everything is
 read and validated before the first file is written, so bad input leaves no output behind.
+
+``data.until`` keeps only the interactions with ``timestamp <= until`` (epoch seconds; a naive
+datetime is UTC, as the table reader's datetimes are): "the data up to now" of a scheduled
+retrain. It needs a source with real times (synthetic, movielens, or a table with a
+``data.columns.timestamp`` column); the attribute tables are kept whole.
 """
 
 from __future__ import annotations
 
 import resource
 import time
+from datetime import UTC, datetime
 
 import polars as pl
 
@@ -109,24 +115,73 @@ def validate_tables(
             )
 
 
+def has_times(cfg: DataConfig) -> bool:
+    """Whether the source's ``timestamp`` is a time (not a line position or a row order)."""
+    if cfg.source == "table":
+        return cfg.columns.timestamp is not None
+    return cfg.source in ("synthetic", "movielens")
+
+
+def until_seconds(until: datetime) -> int:
+    """``until`` as epoch seconds; a naive datetime is taken as UTC."""
+    if until.tzinfo is None:
+        until = until.replace(tzinfo=UTC)
+    return int(until.timestamp())
+
+
+def cut_until(interactions: pl.DataFrame, cfg: DataConfig, source: str) -> pl.DataFrame:
+    """The interactions with ``timestamp <= data.until`` (all of them when until is None)."""
+    if cfg.until is None:
+        return interactions
+    if not has_times(cfg):
+        what = (
+            "data.columns.timestamp is null"
+            if cfg.source == "table"
+            else f"source '{cfg.source}' has no event times"
+        )
+        raise IngestError(
+            f"{source}: data.until is set but the data has no timestamp column ({what}); "
+            "unset data.until or name a timestamp column"
+        )
+    limit = until_seconds(cfg.until)
+    kept = interactions.filter(pl.col("timestamp") <= limit)
+    if kept.height == 0:
+        first = datetime.fromtimestamp(int(interactions["timestamp"].min()), UTC)
+        raise IngestError(
+            f"{source}: no interaction at or before data.until={cfg.until.isoformat()}; "
+            f"the earliest is at {first.isoformat()}"
+        )
+    return kept
+
+
 def ingest(cfg: DataConfig, run: RunDir) -> StageRecord:
     """Read, validate and write the raw data named by ``cfg``; return the stage record."""
     start = time.perf_counter()
+    source = cfg.path or f"synthetic(seed={cfg.synthetic.seed})"
     interactions, users, items = read_source(cfg)
-    validate_tables(interactions, users, items, cfg.path or f"synthetic(seed={cfg.synthetic.seed})")
+    n_read = interactions.height
+    if interactions.height:
+        interactions = cut_until(interactions, cfg, source)
+    validate_tables(interactions, users, items, source)
     outputs = {"interactions": INTERACTIONS, "users": RAW_USERS, "items": RAW_ITEMS}
     for name, table in (("interactions", interactions), ("users", users), ("items", items)):
         write_parquet(table, run.path(outputs[name]))
+    rows = {"interactions": interactions.height, "users": users.height, "items": items.height}
+    metrics = {
+        "n_users": float(interactions["user"].n_unique()),
+        "n_items": float(interactions["item"].n_unique()),
+        "given_split": float(interactions["split"].null_count() == 0),
+    }
+    if cfg.until is not None:  # the manifest's config holds the datetime itself
+        rows["interactions_read"] = n_read  # rows["interactions"]: those kept
+        metrics["until"] = float(until_seconds(cfg.until))  # epoch seconds
+        metrics["max_timestamp"] = float(interactions["timestamp"].max())
     return StageRecord(
         stage="ingest",
         config_hash=section_hash(cfg),
         outputs=outputs,
-        rows={"interactions": interactions.height, "users": users.height, "items": items.height},
-        metrics={
-            "n_users": float(interactions["user"].n_unique()),
-            "n_items": float(interactions["item"].n_unique()),
-            "given_split": float(interactions["split"].null_count() == 0),
-        },
+        rows=rows,
+        metrics=metrics,
         seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
     )

@@ -19,13 +19,18 @@ tracking URI at the given store for the duration of a call and restore it afterw
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
+import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.serving import verify_bundle
@@ -33,6 +38,7 @@ from pipeline.serving import verify_bundle
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # the model's code
 MODEL_ARTIFACT = "bundle_model"  # name of the logged model inside its run
 DEFAULT_EXPERIMENT = "twotower"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # what the served model imports; pinned to this environment's versions (informational with
 # --env-manager local, used when MLflow builds an environment)
 SERVING_PACKAGES = ("mlflow", "torch", "faiss-cpu", "polars", "pyarrow", "numpy", "pandas")
@@ -45,14 +51,23 @@ def model_uri(name: str, alias: str) -> str:
 
 
 @contextlib.contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` (tracking and registry), then restore it."""
-    prev = mlflow.get_tracking_uri()
+def tracking_scope(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` (tracking and registry), then restore it.
+
+    ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI`` (for subprocesses), and
+    ``mlflow.get_tracking_uri()`` returns a default (``sqlite:///<cwd>/mlflow.db``) when
+    nothing is set: restoring "the previous URI" with them would leave that default in the
+    environment for every later caller. So the fluent URI is unset afterwards and the
+    environment variable put back exactly as it was.
+    """
+    prev_env = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(prev)
+        mlflow.set_tracking_uri(None)  # no explicit URI, and unsets the environment variable
+        if prev_env is not None:
+            os.environ[TRACKING_URI_ENV] = prev_env
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
@@ -71,6 +86,11 @@ def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
     return client.create_experiment(
         experiment, artifact_location=_artifact_location(uri, experiment)
     )
+
+
+def ensure_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """The id of ``experiment``, created (artifacts beside a SQLite store) when absent."""
+    return _experiment_id(MlflowClient(tracking_uri=tracking_uri), tracking_uri, experiment)
 
 
 def _requirements(with_onnx: bool) -> list[str]:
@@ -109,7 +129,7 @@ def log_bundle_model(
         "dim": int(manifest["dim"]),
         "metric": manifest["metric"],
     }
-    with _tracking(tracking_uri), mlflow.start_run(run_id=run_id):
+    with tracking_scope(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(PYFUNC_FILE),
@@ -135,7 +155,7 @@ def register_bundle(
     so the registry tells which bundle a version serves without downloading it.
     """
     uri, run_id, manifest = log_bundle_model(bundle_dir, tracking_uri, run_id, experiment)
-    with _tracking(tracking_uri):
+    with tracking_scope(tracking_uri):
         mv = mlflow.register_model(uri, name, await_registration_for=0)
     client = MlflowClient(tracking_uri=tracking_uri)
     tags = {
@@ -168,11 +188,134 @@ def alias_version(name: str, alias: str, tracking_uri: str | None = None) -> int
     return int(mv.version)
 
 
+class RegistryError(ValueError):
+    """A registered version cannot be resolved to a serving bundle; names the version."""
+
+
+def find_alias(name: str, alias: str, tracking_uri: str) -> int | None:
+    """The version ``alias`` of ``name`` points at, or None when the model or alias is absent."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = model.aliases.get(alias)  # {alias: version}
+    return None if version is None else int(version)
+
+
+def version_exists(name: str, version: int, tracking_uri: str) -> bool:
+    """Whether ``version`` of registered model ``name`` exists (not deleted)."""
+    try:
+        MlflowClient(tracking_uri=tracking_uri).get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def set_version_tags(name: str, version: int, tags: dict[str, str], tracking_uri: str) -> None:
+    """Set string tags on one registered version (e.g. the gate's decision)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def _local_path(uri: str) -> Path | None:
+    """The local directory of a ``file://`` (or scheme-less) artifact URI, else None."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "":  # a plain path
+        return Path(uri)
+    return None
+
+
+def version_bundle(
+    name: str, version: int, tracking_uri: str, dest: str | Path | None = None
+) -> Path:
+    """The serving bundle directory of registered version ``version`` of ``name``.
+
+    The bundle is the model's "bundle" artifact (its relative path is read from the model's
+    ``MLmodel`` file). With a local artifact store the directory inside the store is returned
+    as is (nothing copied; do not modify it); otherwise ``MLmodel`` and the bundle are
+    downloaded under ``dest`` (a new temporary directory when None, left to the caller).
+    Raises :class:`RegistryError` naming the version when either cannot be found.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    label = f"models:/{name}/{version}"
+    try:
+        root = client.get_model_version_download_uri(name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"{label}: no such registered version ({exc.message})") from None
+    local = _local_path(root)
+    if local is not None:
+        mlmodel = local / "MLmodel"
+        if not mlmodel.is_file():
+            raise RegistryError(f"{label}: {mlmodel} not found (artifacts deleted?)")
+        bundle = local / _bundle_rel(mlmodel, label)
+        if not bundle.is_dir():
+            raise RegistryError(f"{label}: bundle directory {bundle} not found")
+        return bundle
+    out = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="twotower-bundle-"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        mlmodel = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root.rstrip('/')}/MLmodel",
+                dst_path=str(out),
+                tracking_uri=tracking_uri,
+            )
+        )
+        rel = _bundle_rel(mlmodel, label)
+        bundle = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{root.rstrip('/')}/{rel}", dst_path=str(out), tracking_uri=tracking_uri
+        )
+    except MlflowException as exc:
+        raise RegistryError(f"{label}: cannot download from {root} ({exc.message})") from None
+    return Path(bundle)
+
+
+def _bundle_rel(mlmodel: Path, label: str) -> str:
+    """The bundle artifact's path inside the model directory, from its ``MLmodel`` file."""
+    spec = yaml.safe_load(mlmodel.read_text()) or {}
+    try:
+        return str(spec["flavors"]["python_function"]["artifacts"]["bundle"]["path"])
+    except (KeyError, TypeError):
+        raise RegistryError(
+            f"{label}: {mlmodel} has no python_function artifact 'bundle'; "
+            "not a model logged by pipeline.registry.log_bundle_model"
+        ) from None
+
+
+def alias_bundle(
+    name: str, alias: str, tracking_uri: str, dest: str | Path | None = None
+) -> tuple[int, Path] | None:
+    """(version, bundle directory) of the version ``alias`` points at; None without one.
+
+    See :func:`version_bundle` for where the directory is.
+    """
+    version = find_alias(name, alias, tracking_uri)
+    if version is None:
+        return None
+    return version, version_bundle(name, version, tracking_uri, dest)
+
+
 __all__ = [
     "PYFUNC_FILE",
+    "RegistryError",
+    "alias_bundle",
     "alias_version",
+    "ensure_experiment",
+    "find_alias",
     "log_bundle_model",
     "model_uri",
     "register_bundle",
     "set_alias",
+    "set_version_tags",
+    "tracking_scope",
+    "version_bundle",
+    "version_exists",
 ]

@@ -72,9 +72,18 @@ class StageRecord:
     seconds: float = 0.0  # wall time of the stage
     peak_rss_mb: float = 0.0  # peak resident memory of the process at the end of the stage
     finished_at: float = field(default_factory=time.time)
+    input_hash: str = ""  # config sections + upstream output hashes + raw inputs (runner)
+    output_hash: str = ""  # sha256 over the output files; "" = not hashed
+    skipped: bool = False  # the last pipeline run reused this record (inputs unchanged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageRecord:
+        """A record read back from the manifest (keys this version does not know are ignored)."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @contextmanager

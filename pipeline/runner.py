@@ -3,21 +3,33 @@
 This is the one place that knows the order of the stages and which config sections each
 reads. The CLI's single-stage commands and the Prefect flow's tasks both call
 :func:`run_stage`, so a stage behaves the same whichever way it is started.
+
+Every record carries an ``input_hash`` (the config sections the stage reads, the
+``output_hash`` of every earlier stage and, for ingest, the sha256 of the raw input files)
+and an ``output_hash`` (sha256 over its output files). With ``reuse=True`` (the flow) a stage
+whose input hash is unchanged and whose outputs still hash the same is skipped, and an
+interrupted training with unchanged inputs resumes from its checkpoint. Downstream inputs are
+upstream *output* hashes, so a re-run ingest that writes the same bytes lets later stages skip.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import resource
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, dump_config, section_hash
+from pipeline.config import Config, DataConfig, dump_config, section_hash
 from pipeline.rundir import (
+    BEST_CHECKPOINT,
+    CHECKPOINT,
     EVAL_HTML,
     EVAL_PLOT_ANN,
     EVAL_PLOT_BREAKDOWN,
@@ -25,12 +37,15 @@ from pipeline.rundir import (
     EVAL_PLOT_RECALL,
     EVAL_REPORT,
     EVAL_SUMMARY,
+    FEATURE_META,
     INDEX_META,
     INDEX_SWEEP,
     INDEX_SWEEP_PLOT,
     INDEX_SWEEP_TABLE,
+    ITEM_VOCAB,
     MANIFEST,
     TRAIN_HISTORY,
+    USER_VOCAB,
     RunDir,
     StageRecord,
 )
@@ -55,6 +70,144 @@ class RunConfigError(ValueError):
 def sections_hash(cfg: Config, stage: str) -> str:
     """Hash of the config sections ``stage`` reads."""
     return section_hash({s: getattr(cfg, s).model_dump(mode="json") for s in STAGES[stage]})
+
+
+# -- content hashes: what lets a re-run skip finished stages -------------------------------
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20  # bytes read at a time while hashing (files may be larger than memory)
+
+
+def _files(path: Path) -> list[Path]:
+    """``path`` itself, or every file under it (sorted; hidden temp files left out)."""
+    if path.is_dir():
+        return sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+    return [path]
+
+
+def files_hash(paths: Iterable[Path], relative_to: Path | None = None) -> str:
+    """sha256 over the names and bytes of ``paths`` (a directory counts as all its files).
+
+    Names are taken relative to ``relative_to`` (else relative to each given path's parent),
+    so moving a run directory or a data directory as a whole keeps the hash. A missing path
+    hashes as a "missing" marker rather than raising: the stage that reads it gives the error.
+    """
+    h = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        base = relative_to if relative_to is not None else path.parent
+        if not path.exists():
+            h.update(f"missing:{path.name}\0".encode())
+            continue
+        for f in _files(path):
+            h.update(f"{f.relative_to(base).as_posix()}\0{file_digest(f)}\0".encode())
+    return h.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of one file, read in chunks; remembered for the process while the file's size
+    inode and modification time stay the same (the flow hashes raw inputs twice)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def raw_inputs(data: DataConfig) -> list[Path]:
+    """The raw files ingest reads (directories are hashed whole); none for synthetic data."""
+    if data.source == "synthetic":
+        return []
+    return [Path(p) for p in (data.path, data.users_path, data.items_path) if p]
+
+
+def previous_inputs(path: str | None, weights: bool) -> list[Path]:
+    """The files of an earlier run directory or bundle that ``features.vocab_from`` /
+    ``train.warm_start`` read: a run's vocabularies (and best weights), or a bundle's
+    ``manifest.json``, which holds the sha256 of every file of the bundle."""
+    if not path:
+        return []
+    root = Path(path)
+    if (root / USER_VOCAB).is_file():  # a run directory
+        return [root / USER_VOCAB, root / ITEM_VOCAB, root / FEATURE_META] + (
+            [root / BEST_CHECKPOINT] if weights else []
+        )
+    return [root / MANIFEST]  # a bundle (pipeline.previous checks its checksums on open)
+
+
+# stage -> files outside the run directory it reads (beyond its config sections); a stage
+# that starts reading such files registers here, so that a change to them re-runs it
+EXTERNAL_INPUTS: dict[str, Callable[[Config], list[Path]]] = {
+    "ingest": lambda cfg: raw_inputs(cfg.data),
+    "features": lambda cfg: previous_inputs(cfg.features.vocab_from, weights=False),
+    "train": lambda cfg: previous_inputs(cfg.train.warm_start, weights=True),
+}
+
+
+def output_hash(run: RunDir, outputs: dict[str, str]) -> str:
+    """sha256 over a stage's output files (paths relative to the run directory)."""
+    return files_hash([run.path(rel) for _, rel in sorted(outputs.items())], relative_to=run.root)
+
+
+def input_hash(stage: str, cfg: Config, run: RunDir) -> str:
+    """What ``stage`` reads, as one hash: its config sections, every earlier stage's
+    ``output_hash`` in ``run`` and the files it reads from outside the run directory.
+
+    "" when an earlier stage has no output hash (not run yet, or recorded by an older
+    version): such a stage can never be skipped.
+    """
+    order = list(STAGES)
+    records = run.manifest().get("stages", {})
+    upstream: dict[str, str] = {}
+    for earlier in order[: order.index(stage)]:
+        out = (records.get(earlier) or {}).get("output_hash", "")
+        if not out:
+            return ""
+        upstream[earlier] = out
+    external = EXTERNAL_INPUTS.get(stage)
+    payload = {
+        "stage": stage,
+        "config": sections_hash(cfg, stage),
+        "upstream": upstream,
+        "external": files_hash(external(cfg)) if external else "",
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def reusable_record(stage: str, run: RunDir, in_hash: str) -> StageRecord | None:
+    """The stage's record if it was built from inputs hashing to ``in_hash`` and its outputs
+    are still there, byte for byte; else None (the stage must run)."""
+    rec = run.stage_record(stage)
+    if not in_hash or not rec or rec.get("input_hash") != in_hash or not rec.get("output_hash"):
+        return None
+    outputs = rec.get("outputs", {})
+    if not all(run.path(rel).exists() for rel in outputs.values()):
+        return None
+    if output_hash(run, outputs) != rec["output_hash"]:
+        return None
+    return StageRecord.from_dict(rec)
+
+
+def pipeline_key(cfg: Config) -> str:
+    """A hash of everything a whole run reads: every stage's config sections and the raw
+    inputs. Equal keys = the same run, so the flow's default run directory is named by it."""
+    sections = sorted({s for secs in STAGES.values() for s in secs})
+    payload = {
+        "config": section_hash({s: getattr(cfg, s).model_dump(mode="json") for s in sections}),
+        "external": {st: files_hash(fn(cfg)) for st, fn in sorted(EXTERNAL_INPUTS.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -130,6 +283,13 @@ def new_run_dir(workdir: Path, cfg: Config) -> RunDir:
     return RunDir(path)
 
 
+def default_run_dir(workdir: Path, cfg: Config) -> RunDir:
+    """``<workdir>/<name>-<pipeline key>``: re-running unchanged config and raw inputs lands
+    in the same directory (where its finished stages are skipped); any change makes a new one,
+    so runs of different configs stay side by side for ``twotower compare``."""
+    return RunDir(workdir / f"{cfg.name}-{pipeline_key(cfg)[:12]}")
+
+
 def _stage_fn(stage: str) -> Callable[..., StageRecord]:
     # Imported lazily: a single-stage command only loads what its stage needs.
     if stage == "ingest":
@@ -194,13 +354,31 @@ def run_stage(
     cfg: Config,
     run: RunDir,
     tracking: TrackingContext | None = None,
+    reuse: bool = False,
     **kwargs: Any,
 ) -> StageRecord:
-    """Run one stage: check the config against the run, time it, record it, track it."""
+    """Run one stage: check the config against the run, time it, record it, track it.
+
+    With ``reuse`` (what the flow does), a stage whose input hash matches its record and
+    whose outputs still hash the same is not run: its record comes back with
+    ``skipped=True``. The train stage resumes from ``train/checkpoint.pt`` when the last
+    attempt with these same inputs did not finish. Without it (the single-stage commands)
+    the stage always runs.
+    """
     fn = _stage_fn(stage)
     check_run_config(run, cfg, stage)
     init_run(run, cfg)
+    in_hash = input_hash(stage, cfg, run)
     tracker = tracking.tracker if tracking else None
+    if reuse:
+        done = reusable_record(stage, run, in_hash)
+        if done is not None:
+            return _skip(done, run, tracking)
+        if stage == "train" and in_hash and run.path(CHECKPOINT).is_file():
+            if run.manifest().get("attempts", {}).get(stage) == in_hash:
+                log.warning("%s: train resumes from %s", run.root, CHECKPOINT)
+                kwargs.setdefault("resume", True)
+    _set_attempt(run, stage, in_hash)
     run_id = ""
     if tracker is not None:
         run_id = tracker.start(stage, parent_id=tracking.parent_id or None, tags={"stage": stage})
@@ -221,7 +399,9 @@ def run_stage(
     rec.config_hash = sections_hash(cfg, stage)
     rec.seconds = time.time() - t0
     rec.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rec.input_hash, rec.output_hash, rec.skipped = in_hash, output_hash(run, rec.outputs), False
     run.record(rec)
+    _set_attempt(run, stage, None)
     if tracker is not None:
         tracker.log_metrics(
             run_id, {**rec.metrics, "seconds": rec.seconds, "peak_rss_mb": rec.peak_rss_mb}
@@ -231,6 +411,43 @@ def run_stage(
         if stage == "export":
             files.append(run.path(rec.outputs["bundle"]))
         tracker.log_artifacts(run_id, files, artifact_path=stage)
+        tracker.end(run_id)
+    return rec
+
+
+def _set_attempt(run: RunDir, stage: str, in_hash: str | None) -> None:
+    """Note in the manifest that ``stage`` started on inputs ``in_hash`` (None: it finished).
+
+    A note left behind means the attempt failed or was killed; a re-run on the same inputs
+    may then resume from what that attempt wrote (the train checkpoint).
+    """
+    m = run.manifest()
+    attempts = m.setdefault("attempts", {})
+    if in_hash:
+        attempts[stage] = in_hash
+    elif attempts.pop(stage, None) is None:
+        return
+    run.write_manifest(m)
+
+
+def _skip(rec: StageRecord, run: RunDir, tracking: TrackingContext | None) -> StageRecord:
+    """Reuse a finished stage's record: flag it skipped, say so in the log and in MLflow."""
+    log.warning(
+        "%s: %s skipped: inputs and config unchanged (input hash %s), outputs intact",
+        run.root,
+        rec.stage,
+        rec.input_hash[:12],
+    )
+    rec.skipped = True
+    run.record(rec)
+    if tracking is not None:
+        tracker = tracking.tracker
+        run_id = tracker.start(
+            rec.stage,
+            parent_id=tracking.parent_id or None,
+            tags={"stage": rec.stage, "skipped": "true", "input_hash": rec.input_hash},
+        )
+        tracker.log_metrics(run_id, rec.metrics)
         tracker.end(run_id)
     return rec
 
@@ -255,6 +472,7 @@ def run_all(
     run: RunDir,
     tracking: TrackingContext | None = None,
     stages: list[str] | None = None,
+    reuse: bool = False,
 ) -> dict[str, StageRecord]:
     """Every stage in order, in this process (no Prefect): the flow's plain twin."""
-    return {s: run_stage(s, cfg, run, tracking) for s in (stages or list(STAGES))}
+    return {s: run_stage(s, cfg, run, tracking, reuse=reuse) for s in (stages or list(STAGES))}

@@ -42,6 +42,7 @@ USERS_FILE = "users.parquet"  # raw user id -> user row, history, attribute code
 META_FILE = "feature_meta.json"  # attribute vocabularies, history length, request transforms
 TOWER_FILE = "user_tower.pt2"  # the user tower as a torch.export program
 ONNX_FILE = "user_tower.onnx"  # the same tower as ONNX (optional: export.onnx=false drops it)
+MODEL_FILE = "model.pt"  # both towers' weights (optional, export.weights): for warm starts
 REQUIRED_FILES = (INDEX_FILE, ITEMS_FILE, USERS_FILE, META_FILE, TOWER_FILE)
 BACKENDS = ("auto", "torch", "onnx")
 OOV = 0  # the out-of-vocabulary row of the id tables, and the "missing" attribute code

@@ -7,6 +7,11 @@ epochs, so the final model sees every pre-test interaction while every choice wa
 on validation. Negatives and corrections come from ``pipeline.negatives`` (in-batch with
 logQ, shared sampled, mined hard); the loss from ``towers.losses``. Each epoch writes a
 checkpoint a later call can resume from.
+
+With ``train.warm_start`` (an earlier run directory or bundle) each phase starts from the
+seeded fresh init and then takes the earlier model's rows for every id / attribute value both
+vocabularies know, plus its dense layers where shapes match (:mod:`pipeline.warm_start`);
+:func:`initial_model` is that starting point, before any optimiser step.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from pipeline.data import (
 )
 from pipeline.metrics import UserItems, recall_ndcg, topk_exact
 from pipeline.negatives import BatchNegatives, Negatives
+from pipeline.previous import open_previous, read_run_vocabs
 from pipeline.rundir import (
     BEST_CHECKPOINT,
     CHECKPOINT,
@@ -42,6 +48,7 @@ from pipeline.rundir import (
     write_json,
     write_with,
 )
+from pipeline.warm_start import WarmStart, WarmStartError
 from towers import AttrSpec, TowerConfig, TwoTower, build_loss
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -172,6 +179,18 @@ def _validate(model: TwoTower, ft: FeatureTensors, val: _Validation, k: int) -> 
     return {f"valid_recall@{k}": m[f"recall@{k}"], f"valid_ndcg@{k}": m[f"ndcg@{k}"]}
 
 
+def validate_model(model: TwoTower, run: RunDir, k: int) -> dict[str, float]:
+    """``valid_recall@k`` / ``valid_ndcg@k`` of ``model`` on the run's validation split, with
+    the train items excluded and train-only histories: the figure the select phase scores
+    after every epoch. Empty when the run has no validation events."""
+    ft = load_feature_tensors(run)
+    tu, ti = load_pairs(run, ["train"])
+    val = _validation_set(run, tu, ti)
+    if not model.config.item_audience:
+        ft = ft.without_audience()
+    return {} if val is None else _validate(model, ft, val, k)
+
+
 def learning_rate(cfg: TrainConfig, progress: float) -> float:
     """The learning rate after ``progress`` epochs (fractional) of ``cfg.epochs``.
 
@@ -237,6 +256,7 @@ class _State:
     best: float = -float("inf")
     best_epoch: int = -1
     start_epoch: int = 0
+    warm: dict[str, float] = field(default_factory=dict)  # rows copied / fresh per table
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -253,16 +273,44 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _new_state(spec: TrainSpec, tcfg: TowerConfig, phase: _Phase) -> _State:
-    cfg = spec.train
-    torch.manual_seed(cfg.seed)
+def prepare_warm_start(cfg: TrainConfig, run: RunDir) -> WarmStart | None:
+    """The earlier model named by ``train.warm_start`` with both runs' vocabularies, or None."""
+    if cfg.warm_start is None:
+        return None
+    prev = open_previous(cfg.warm_start, "train.warm_start")
+    old_config, old_state = prev.load_model_state()
+    try:
+        old_tcfg = TowerConfig(**_tower_kwargs(old_config))
+    except (TypeError, ValueError) as exc:
+        raise WarmStartError(f"train.warm_start: {prev.weights}: bad tower config: {exc}") from None
+    return WarmStart(str(prev.root), old_tcfg, old_state, prev.vocabs, read_run_vocabs(run.root))
+
+
+def initial_model(
+    spec: TrainSpec, tcfg: TowerConfig, warm: WarmStart | None = None
+) -> tuple[TwoTower, dict[str, float]]:
+    """The model a phase starts from, before any optimiser step, and the warm-start counts.
+
+    Fresh init seeded by ``train.seed``; then, with ``warm``, the known rows and matching dense
+    layers of the earlier model (copies draw no random numbers, so the rest of the phase sees
+    the same random stream as a cold start).
+    """
+    torch.manual_seed(spec.train.seed)
     model = TwoTower.from_config(tcfg)
+    return model, warm.apply(model) if warm is not None else {}
+
+
+def _new_state(
+    spec: TrainSpec, tcfg: TowerConfig, phase: _Phase, warm: WarmStart | None = None
+) -> _State:
+    cfg = spec.train
+    model, report = initial_model(spec, tcfg, warm)
     loss_fn = build_loss_fn(spec)
     params = list(model.parameters()) + list(loss_fn.parameters())
     opt = make_optimizer(params, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     negatives = Negatives(spec.negatives, spec.loss, phase.counts, cfg.batch_size, gen)
-    return _State(model, loss_fn, opt, gen, negatives, history=[])
+    return _State(model, loss_fn, opt, gen, negatives, history=[], warm=report)
 
 
 def _checkpoint(st: _State, phase: str, epoch: int, spec_hash: str, tcfg: TowerConfig) -> dict:
@@ -498,7 +546,9 @@ def train_stage(
                 "re-run without resume"
             )
     phases_run: dict[str, list[dict[str, float]]] = {}
-    st = _new_state(spec, tcfg, select)
+    warm = prepare_warm_start(cfg, run)
+    st = _new_state(spec, tcfg, select, warm)
+    warm_report = st.warm
     if ckpt is not None and ckpt["phase"] == "select":
         _restore(st, ckpt)
     if ckpt is None or ckpt["phase"] == "select":
@@ -516,6 +566,7 @@ def train_stage(
     metrics.update({f"best_{k}": v for k, v in best_row.items() if k.startswith("valid_n")})
     if select_history:
         metrics["final_loss"] = select_history[-1]["loss"]
+    metrics.update(warm_report)
     if cfg.refit and val is not None:
         au, ai = load_pairs(run, ["train", "valid"])
         refit = _Phase(
@@ -527,7 +578,7 @@ def train_stage(
             select_best_epoch + 1,
             None,
         )
-        st = _new_state(spec, tcfg, refit)
+        st = _new_state(spec, tcfg, refit, warm)
         if ckpt is not None and ckpt["phase"] == "refit":
             _restore(st, ckpt)
         carry = {"select_best_epoch": select_best_epoch, "select_history": select_history}

@@ -1,8 +1,11 @@
-"""End to end: the Prefect flow and the CLI, with MLflow parent and nested runs."""
+"""End to end: the Prefect flow and the CLI, with MLflow parent and nested runs; unchanged
+re-runs skip their stages and a second retrain of one pipeline is refused."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,81 @@ def test_cli_rejects_config_typo_before_running(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "unknown key 'trian'" in res.output
     assert not (tmp_path / "w").exists()
+
+
+def _task_states(flow_run_id, expected: int, timeout: float = 60.0) -> list[str]:
+    """The final state names of a flow run's task runs (the API records them shortly after)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            names = [r.state.name for r in runs if r.state is not None and r.state.is_final()]
+            if len(names) >= expected or time.monotonic() > deadline:
+                return names
+            time.sleep(0.5)
+
+
+def test_unchanged_rerun_skips_every_stage_in_the_same_run_dir(flow_run, tmp_path: Path) -> None:
+    work, run = flow_run
+    from flows.retrain import retrain
+
+    # the same config and data in a fresh work directory holding a copy of the run
+    shutil.copytree(run.root, tmp_path / run.root.name)
+    before = {s: r["finished_at"] for s, r in run.manifest()["stages"].items()}
+    state = retrain(
+        config=str(CONFIGS / "tiny.yaml"),
+        overrides=["train.epochs=2"],
+        workdir=str(tmp_path),
+        return_state=True,
+    )
+    assert state.is_completed()
+    assert Path(state.result()) == tmp_path / run.root.name  # landed in the same directory
+    stages = RunDir(tmp_path / run.root.name).manifest()["stages"]
+    assert {s: r["finished_at"] for s, r in stages.items()} == before
+    assert all(r["skipped"] for r in stages.values())
+    assert _task_states(state.state_details.flow_run_id, len(STAGES)) == ["Skipped"] * len(STAGES)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    nested = [r for r in search_runs(uri, "twotower") if r["parent_id"] is not None]
+    assert len(nested) == len(STAGES)  # a nested run per stage, tagged as skipped
+    client = MlflowClient(uri)
+    assert all(client.get_run(r["run_id"]).data.tags["skipped"] == "true" for r in nested)
+
+
+def test_cli_rerun_of_a_run_dir_redoes_only_changed_stages(flow_run, tmp_path: Path) -> None:
+    work, run = flow_run
+    copy = tmp_path / run.root.name
+    shutil.copytree(run.root, copy)
+    res = CliRunner().invoke(
+        app,
+        ["run", "--run", str(copy), "--set", "eval.ks=[5,20]", "--set", "tracking.enabled=false"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "skipped (inputs unchanged): ingest, features, train, embed, index" in res.output
+    assert res.output.strip().splitlines()[-1] == str(copy)
+    stages = RunDir(copy).manifest()["stages"]
+    assert not stages["evaluate"]["skipped"] and not stages["export"]["skipped"]
+    assert "recall@5" in json.loads((copy / EVAL_SUMMARY).read_text())["index"]
+
+
+def test_second_retrain_of_a_pipeline_fails_naming_the_lock(
+    prefect_harness, tmp_path: Path
+) -> None:
+    from pipeline.lock import lock_path, pipeline_lock
+
+    with pipeline_lock(tmp_path, "tiny"):
+        res = CliRunner().invoke(
+            app,
+            ["run", "--config", str(CONFIGS / "tiny.yaml"), "--workdir", str(tmp_path)],
+        )
+    assert res.exit_code == 2
+    flat = " ".join(res.output.split())
+    assert "pipeline 'tiny'" in flat and "already being retrained" in flat
+    assert lock_path(tmp_path, "tiny").name in flat
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # nothing ran

@@ -16,6 +16,7 @@ from pipeline.config import DataConfig, FeaturesConfig, section_hash
 from pipeline.features import (
     build_features,
     encode_attributes,
+    extend_attributes,
     fit_attributes,
     load_feature_meta,
 )
@@ -510,3 +511,84 @@ def test_ml100k_time_split(tmp_path: Path) -> None:
     assert (
         decode(users.filter(user="1")["age_bucket"][0], meta["user_attrs"]["age_bucket"]) == "18-24"
     )
+
+
+# -- incremental vocabularies (features.vocab_from) -----------------------------------------
+
+
+def test_extend_attributes_keeps_old_codes() -> None:
+    old = {
+        "c": {"kind": "categorical", "cardinality": 3, "values": ["b", "d"]},
+        "m": {"kind": "multi", "cardinality": 2, "values": ["x"]},
+        "gone": {"kind": "categorical", "cardinality": 2, "values": ["z"]},
+    }
+    new = {
+        "c": {"kind": "categorical", "cardinality": 4, "values": ["a", "b", "c"]},
+        "m": {"kind": "categorical", "cardinality": 2, "values": ["x"]},  # kind changed
+        "fresh": {"kind": "multi", "cardinality": 2, "values": ["q"]},
+    }
+    out = extend_attributes(new, old)
+    assert out["c"] == {"kind": "categorical", "cardinality": 5, "values": ["b", "d", "a", "c"]}
+    assert out["m"] == new["m"] and out["fresh"] == new["fresh"] and "gone" not in out
+    coded = encode_attributes(pl.DataFrame({"c": ["a", "b", "d", "e"]}), {"c": out["c"]})
+    assert coded["c"].to_list() == [3, 1, 2, 0]  # "b", "d" keep codes 1, 2
+
+
+def test_vocab_from_keeps_old_rows_and_appends_new_ids(tmp_path: Path) -> None:
+    full = make_interactions(seed=11, n_users=14)
+    users = sorted(set(full["user"]), key=lambda u: (len(u), u))
+    old_inter = pl.concat(
+        [
+            full.filter(pl.col("user").is_in(users[:8]) & (pl.col("item") != "i7")),
+            make_interactions(seed=12, n_users=4).with_columns(  # users and items of run A only
+                pl.lit("old_user").alias("user"), ("old_" + pl.col("item")).alias("item")
+            ),
+        ]
+    )
+    cfg = FeaturesConfig(split="leave_last_n", valid_fraction=0.0)
+    run_a, out_a = run_features(tmp_path / "a", cfg, old_inter)
+    vocab_from = cfg.model_copy(update={"vocab_from": str(run_a.root)})
+    run_b, out_b = run_features(tmp_path / "b", vocab_from, full)
+    plain = run_features(tmp_path / "c", cfg, full)[1]
+    for side in ("user", "item"):
+        va = out_a[f"{side}_vocab"].sort(f"{side}_idx")
+        vb = out_b[f"{side}_vocab"].sort(f"{side}_idx")
+        assert vb[f"{side}_idx"].to_list() == list(range(1, vb.height + 1))
+        assert vb.head(va.height).equals(va)  # every old id at its old row, absent ones too
+        appended = vb[va.height :][side].to_list()
+        expected = set(plain[f"{side}_vocab"][side]) - set(va[side])
+        assert set(appended) == expected and len(appended) == len(expected) > 0
+        assert appended == sorted(appended, key=lambda s: (len(s), s))  # shortlex among new
+    ub = out_b["user_vocab"]
+    old_row = ub.filter(user="old_user")["user_idx"].item()
+    assert out_b["users"].filter(user_idx=old_row)["history_all"].item().to_list() == []
+    assert out_b["events"].filter(user_idx=old_row).height == 0
+    # the same events and splits as a run without vocab_from; a test-only item that run A
+    # learnt keeps its row (the plain run maps it to OOV: no raw id)
+    learnt = set(plain["item_vocab"]["item"])
+    cols = ["user", "item", "timestamp", "split"]
+    ev_b = raw_events(out_b).with_columns(
+        pl.when(pl.col("item").is_in(list(learnt))).then(pl.col("item")).alias("item")
+    )
+    assert ev_b.select(cols).sort(cols).equals(raw_events(plain).select(cols).sort(cols))
+    meta_a, meta_b = load_feature_meta(run_a), load_feature_meta(run_b)
+    for side in ("user_attrs", "item_attrs"):
+        for name, spec in meta_a[side].items():
+            assert meta_b[side][name]["values"][: len(spec["values"])] == spec["values"]
+    assert meta_b["vocab_from"] == str(run_a.root) and meta_b["id_order"] == "extended"
+    record = build_features(vocab_from, run_b).rows
+    old_items = set(out_a["item_vocab"]["item"])
+    assert record["users_old"] == out_a["user_vocab"].height
+    assert record["users_new"] == ub.height - record["users_old"]
+    assert record["users_absent"] == 1  # old_user
+    assert record["items_old"] == len(old_items)
+    assert record["items_new"] == len(learnt - old_items)
+    assert record["items_absent"] == len(old_items - learnt) > 0
+
+
+def test_vocab_from_must_name_a_run_or_bundle(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    write_ingest(run, make_interactions())
+    cfg = FeaturesConfig(vocab_from=str(tmp_path / "nowhere"))
+    with pytest.raises(ArtifactError, match=r"features.vocab_from: .*nowhere is neither a run"):
+        build_features(cfg, run)

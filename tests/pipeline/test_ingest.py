@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -137,3 +138,72 @@ def test_validate_tables(mutate, needle: str) -> None:
     validate_tables(*valid_tables(), "src")
     with pytest.raises(IngestError, match=needle):
         validate_tables(*mutate(*valid_tables()), "src")
+
+
+# -- data.until: the interactions up to a point in time ------------------------------------
+
+
+def test_until_keeps_events_up_to_the_instant_and_records_it(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text(
+        "u,i,t\n1,a,2024-01-01T10:00:00\n2,b,2024-01-02T00:00:00\n1,c,2024-01-02T00:00:01\n"
+    )
+    table = DataConfig(
+        source="table", path=str(log), columns=ColumnMap(user="u", item="i", timestamp="t")
+    )
+    cfg = table.model_copy(update={"until": datetime(2024, 1, 2)})  # naive = UTC, inclusive
+    rec = ingest(cfg, RunDir(tmp_path / "run"))
+    inter = read_parquet(tmp_path / "run" / INTERACTIONS, INTERACTIONS_KINDS)
+    assert inter.select("user", "item").rows() == [("1", "a"), ("2", "b")]
+    assert rec.rows["interactions"] == 2 and rec.rows["interactions_read"] == 3
+    assert rec.metrics["until"] == datetime(2024, 1, 2, tzinfo=UTC).timestamp()
+    assert rec.config_hash != section_hash(table)  # a moved until re-runs the stage
+    aware = table.model_copy(
+        update={"until": datetime(2024, 1, 2, 1, tzinfo=timezone(timedelta(hours=1)))}
+    )
+    assert ingest(aware, RunDir(tmp_path / "aware")).rows["interactions"] == 2  # same instant
+
+
+def test_until_on_synthetic_data(tmp_path: Path) -> None:
+    base = small_synthetic()
+    ingest(base, RunDir(tmp_path / "full"))
+    full = read_parquet(tmp_path / "full" / INTERACTIONS)
+    cut = int(full["timestamp"].quantile(0.5))
+    cfg = base.model_copy(update={"until": datetime.fromtimestamp(cut, UTC)})
+    rec = ingest(cfg, RunDir(tmp_path / "cut"))
+    kept = read_parquet(tmp_path / "cut" / INTERACTIONS)
+    assert kept.height == full.filter(pl.col("timestamp") <= cut).height == rec.rows["interactions"]
+    assert 0 < kept.height < full.height and kept["timestamp"].max() <= cut
+
+
+def test_until_needs_times_and_some_events(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("user,item\n1,a\n2,b\n")
+    no_time = DataConfig(
+        source="table", path=str(log), columns=ColumnMap(timestamp=None), until=datetime(2024, 1, 1)
+    )
+    with pytest.raises(
+        IngestError, match=r"data.until is set but the data has no timestamp column"
+    ):
+        ingest(no_time, RunDir(tmp_path / "a"))
+    gcn = tmp_path / "gcn"
+    gcn.mkdir()
+    (gcn / "train.txt").write_text("0 1 2\n")
+    (gcn / "test.txt").write_text("0 3\n")
+    lightgcn = DataConfig(source="lightgcn", path=str(gcn), until=datetime(2024, 1, 1))
+    with pytest.raises(IngestError, match=r"data.until .*source 'lightgcn' has no event times"):
+        ingest(lightgcn, RunDir(tmp_path / "b"))
+    early = small_synthetic().model_copy(update={"until": datetime(2000, 1, 1)})
+    with pytest.raises(IngestError, match=r"no interaction at or before data.until=2000-01-01"):
+        ingest(early, RunDir(tmp_path / "c"))
+    assert not (tmp_path / "c" / INTERACTIONS).exists()
+
+
+def test_until_from_yaml_and_overrides(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  until: 2024-06-01T00:00:00\n")  # YAML reads a datetime here
+    assert load_config(path, ["train.epochs=2"]).data.until == datetime(2024, 6, 1)
+    moved = load_config(path, ["data.until=2024-06-01T02:00:00+02:00"]).data.until
+    assert moved is not None and moved.timestamp() == datetime(2024, 6, 1, tzinfo=UTC).timestamp()

@@ -22,7 +22,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.registry import alias_version, model_uri, register_bundle, set_alias
+from pipeline.registry import (
+    alias_version,
+    model_uri,
+    register_bundle,
+    set_alias,
+    tracking_scope,
+)
 from pipeline.rundir import EXPORT_DIR
 from pipeline.serving import BundleError, Retriever
 
@@ -60,6 +66,24 @@ def test_register_versions_alias_and_tags(registered) -> None:
     assert exp.artifact_location.startswith("file://")  # explicit, beside the SQLite file
 
 
+def test_registering_leaves_the_tracking_environment_as_it_was(registered, monkeypatch) -> None:
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; registering must not leave it
+    set (later Trackers would log to it instead of the work directory's store)."""
+    import mlflow
+
+    uri, bundle, _ = registered
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking_scope(uri):
+        assert os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() != uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    with tracking_scope(uri):
+        assert mlflow.get_tracking_uri() == uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"
+    assert mlflow.get_tracking_uri() == "sqlite:////elsewhere/mlflow.db"
+
+
 def test_broken_bundle_is_not_registered(registered, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -82,12 +106,8 @@ def test_pyfunc_model_answers_like_the_retriever(registered) -> None:
     retriever = Retriever(bundle)
     user = next(iter(retriever.user_row))
     history = [retriever.item_raw[1], retriever.item_raw[2]]
-    prev = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_scope(uri):
         model = mlflow.pyfunc.load_model(model_uri(NAME, "champion"))
-    finally:
-        mlflow.set_tracking_uri(prev)
     request = pd.DataFrame(
         [{"user": user, "k": 7}, {"user": None, "k": 4, "history": history}, {"user": user}]
     )
