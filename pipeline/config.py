@@ -110,7 +110,7 @@ class LossConfig(_Strict):
     """The contrastive loss (see towers.losses for the papers)."""
 
     name: Literal["softmax", "triplet", "ccl"] = "softmax"  # InfoNCE, triplet margin, SimpleX CCL
-    temperature: float = Field(0.1, gt=0)  # softmax: logits are divided by this
+    temperature: float = Field(0.08, gt=0)  # softmax: logits are divided by this
     learnable_temperature: bool = False  # softmax: learn the temperature (from `temperature`)
     logq: bool = True  # softmax: subtract log sampling probability of each candidate
     logq_source: Literal["counts", "streaming"] = "counts"  # train counts or streaming estimate
@@ -155,7 +155,7 @@ class TrainConfig(_Strict):
     sampling: Literal["events", "users"] = "events"  # rows: shuffled, or a uniform user first
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: lr -> lr_min over `epochs`
     lr_min: float = Field(0.0, ge=0)  # cosine: the learning rate reached at the last epoch
-    patience: int = Field(4, ge=1)  # epochs without valid improvement before stopping
+    patience: int = Field(8, ge=1)  # epochs without valid improvement before stopping
     valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
     seed: int = 0  # seed of init and batch order
     refit: bool = True  # after selection, retrain on train+valid for the best epoch count
