@@ -31,6 +31,7 @@ from pipeline.rundir import (
     read_json,
     read_parquet,
 )
+from pipeline.schemas import ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
 
 
 @dataclass
@@ -126,8 +127,8 @@ def _attrs(meta: dict[str, Any], file: Path) -> tuple[dict[str, Any], dict[str, 
 
 def read_run_vocabs(root: Path) -> Vocabs:
     """The vocabularies the features stage wrote in run directory ``root``."""
-    users = read_parquet(root / USER_VOCAB, {"user": "str", "user_idx": "int"})
-    items = read_parquet(root / ITEM_VOCAB, {"item": "str", "item_idx": "int"})
+    users = read_parquet(root / USER_VOCAB, USER_VOCAB_KINDS)
+    items = read_parquet(root / ITEM_VOCAB, ITEM_VOCAB_KINDS)
     user_attrs, item_attrs = _attrs(read_json(root / FEATURE_META), root / FEATURE_META)
     return Vocabs(
         users=vocab_keys(users, "user", "user_idx", root / USER_VOCAB),
@@ -155,8 +156,8 @@ def _open_bundle(root: Path, key: str) -> Previous:
         raise ArtifactError(
             f"{root / MODEL_FILE}: not listed in the bundle's manifest, so unverifiable"
         )
-    users = read_parquet(root / USERS_FILE, {"user": "str", "user_idx": "int"})
-    items = read_parquet(root / ITEMS_FILE, {"item": "str", "item_idx": "int"})
+    users = read_parquet(root / USERS_FILE, USER_VOCAB_KINDS)
+    items = read_parquet(root / ITEMS_FILE, ITEM_VOCAB_KINDS)
     user_attrs, item_attrs = _attrs(read_json(root / META_FILE), root / META_FILE)
     vocabs = Vocabs(
         users=vocab_keys(users.select("user", "user_idx"), "user", "user_idx", root / USERS_FILE),

@@ -8,6 +8,7 @@ crash never leaves a half-written artifact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -118,6 +119,15 @@ def write_text(text: str, path: Path) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (files may be larger than memory)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_with(path: Path, writer: Callable[[Path], None]) -> None:

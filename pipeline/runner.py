@@ -48,6 +48,7 @@ from pipeline.rundir import (
     USER_VOCAB,
     RunDir,
     StageRecord,
+    sha256,
 )
 from pipeline.tracking import Tracker
 
@@ -75,7 +76,6 @@ def sections_hash(cfg: Config, stage: str) -> str:
 # -- content hashes: what lets a re-run skip finished stages -------------------------------
 
 log = logging.getLogger(__name__)
-_CHUNK = 1 << 20  # bytes read at a time while hashing (files may be larger than memory)
 
 
 def _files(path: Path) -> list[Path]:
@@ -117,11 +117,7 @@ def file_digest(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = sha256(path)
     return _DIGESTS[key]
 
 

@@ -18,7 +18,6 @@ out-of-vocabulary row 0, which is what the tower learnt for "no id".
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from pipeline.data import padded
 from pipeline.metrics import UserItems, topk_index
 from pipeline.onnx_export import input_names, onnx_session, run_onnx
+from pipeline.rundir import sha256
 
 BUNDLE_FORMAT = 2  # 1: torch.export tower only; 2: + ONNX tower, request transforms
 MANIFEST_FILE = "manifest.json"
@@ -52,15 +52,6 @@ _FAISS_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 class BundleError(ValueError):
     """A bundle is missing a file, fails a checksum or disagrees with itself."""
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_bundle(bundle: Path) -> dict[str, Any]:
