@@ -1,8 +1,8 @@
 """FAISS index families on one catalogue: build time, QPS and ANN recall@k at the tuned setting.
 
 For each index (Flat, IVF-Flat, IVF-PQ fast-scan + exact re-ranking, HNSW by default) it
-builds with ``pipeline.index.build_index``, sweeps nprobe / efSearch with
-``pipeline.ann_tune.tune`` against exact (IndexFlat) search on the same queries, and keeps
+builds with ``pipeline.retrieval.index.build_index``, sweeps nprobe / efSearch with
+``pipeline.retrieval.tuning.tune`` against exact (IndexFlat) search on the same queries, and keeps
 the cheapest setting whose ANN recall@k reaches the target, as the index stage does.
 
     python benchmarks/index_sweep.py --synthetic 1000000        # 64-d Gaussian mixture
@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import ann_tune  # noqa: E402
-from pipeline.index import (  # noqa: E402
+from pipeline.retrieval import tuning  # noqa: E402
+from pipeline.retrieval.index import (  # noqa: E402
     DEFAULT_K_FACTOR,
     auto_nlist,
     build_index,
@@ -39,7 +39,7 @@ from pipeline.index import (  # noqa: E402
     set_search_params,
     tuning_queries,
 )
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.core.rundir import RunDir  # noqa: E402
 
 
 def unit_centres(clusters: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -71,9 +71,9 @@ def measure(factory: str, items, ids, queries, exact, args, metric: str) -> dict
     t0 = time.perf_counter()
     index = build_index(items, ids, factory, metric, gpu=args.gpu)
     build_seconds = time.perf_counter() - t0
-    if ann_tune.get_param(index, "k_factor_rf") is not None:
+    if tuning.get_param(index, "k_factor_rf") is not None:
         set_search_params(index, k_factor=args.k_factor)
-    param, chosen, rows, at = ann_tune.tune(
+    param, chosen, rows, at = tuning.tune(
         index, queries, exact, args.k, args.target, repeat=args.repeat
     )
     cpu = faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index
@@ -137,7 +137,7 @@ def main() -> None:
         metric, source = meta["metric"], f"run:{args.run} (queries: {qsource})"
 
     t0 = time.perf_counter()
-    exact = ann_tune.exact_topk(items, ids, queries, args.k, metric)  # (Q, k) reference
+    exact = tuning.exact_topk(items, ids, queries, args.k, metric)  # (Q, k) reference
     exact_seconds = time.perf_counter() - t0
     factories = args.factory or default_factories(len(ids), items.shape[1])
     results = [measure(f, items, ids, queries, exact, args, metric) for f in factories]

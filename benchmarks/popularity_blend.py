@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import load_feature_tensors, load_pairs  # noqa: E402
-from pipeline.metrics import recall_ndcg, topk_exact  # noqa: E402
-from pipeline.rundir import BEST_CHECKPOINT, RunDir  # noqa: E402
-from pipeline.train import _validation_set, encode_items, encode_users, load_model  # noqa: E402
+from pipeline.training.batches import load_feature_tensors, load_pairs  # noqa: E402
+from pipeline.evaluation.metrics import recall_ndcg, topk_exact  # noqa: E402
+from pipeline.core.rundir import BEST_CHECKPOINT, RunDir  # noqa: E402
+from pipeline.stages.train import _validation_set, encode_items, encode_users, load_model  # noqa: E402
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.registry import model_uri, register_bundle
-from pipeline.serving import Retriever
+from pipeline.release.registry import model_uri, register_bundle
+from pipeline.serving.retriever import Retriever
 
 SERVER_START_SECONDS = 180
 

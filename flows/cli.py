@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 
 import flows.env  # noqa: F401  (telemetry off, Prefect start-up timeout, before any import)
-from pipeline.config import Config, ConfigError, load_config, resolve_config
-from pipeline.lock import PipelineBusyError
-from pipeline.rundir import EVAL_REPORT, ArtifactError, RunDir
-from pipeline.runner import STAGES, TrackingContext, check_run_config, run_stage
+from pipeline.core.config import Config, ConfigError, load_config, resolve_config
+from pipeline.core.lock import PipelineBusyError
+from pipeline.core.rundir import EVAL_REPORT, ArtifactError, RunDir
+from pipeline.core.runner import STAGES, TrackingContext, check_run_config, run_stage
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 err = Console(stderr=True)
@@ -105,7 +105,7 @@ def _stage_config(run: RunDir, config: Path | None, overrides: list[str]) -> Con
 def _run_single(
     stage: str, run_dir: Path, config: Path | None, overrides: list[str], **kwargs: object
 ) -> None:
-    from pipeline.tracking import Tracker
+    from pipeline.release.tracking import Tracker
 
     rd = RunDir(run_dir)
     try:
@@ -113,7 +113,7 @@ def _run_single(
             raise ArtifactError(f"{rd.root}: run directory does not exist")
         cfg = _stage_config(rd, config, overrides)
         if stage in ("features", "train"):
-            from pipeline.gate import resolve_champion  # "champion" -> the bundle's path
+            from pipeline.release.gate import resolve_champion  # "champion" -> the bundle's path
 
             cfg = resolve_champion(cfg, rd.root.parent)
         check_run_config(rd, cfg, stage)

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli import ConfigOpt, SetOpt, _fail, _stage_config, app
-from pipeline.config import Config, ConfigError
-from pipeline.rundir import EVAL_SUMMARY, ArtifactError, RunDir
+from pipeline.core.config import Config, ConfigError
+from pipeline.core.rundir import EVAL_SUMMARY, ArtifactError, RunDir
 
 RunArg = Annotated[Path, typer.Argument(help="a run directory", show_default=False)]
 
@@ -26,7 +26,7 @@ def _log_to_mlflow(cfg: Config, run: RunDir, files: list[Path]) -> str:
     ml = run.manifest().get("mlflow", {})
     if not cfg.tracking.enabled or not ml.get("parent_run_id"):
         return ""
-    from pipeline.tracking import Tracker
+    from pipeline.release.tracking import Tracker
 
     tracking = cfg.tracking
     if ml.get("tracking_uri"):  # the store the run logged to, whatever the environment says now
@@ -44,7 +44,7 @@ def report(run_dir: RunArg, config: ConfigOpt = None, set_: SetOpt = None) -> No
     given; --set eval.umap=false skips the slow embedding map. Logs the files to the run's
     MLflow parent run when it was tracked.
     """
-    from pipeline.report import write_report  # matplotlib: only for this command
+    from pipeline.evaluation.report import write_report  # matplotlib: only for this command
 
     rd = RunDir(run_dir)
     try:
@@ -63,7 +63,7 @@ def report(run_dir: RunArg, config: ConfigOpt = None, set_: SetOpt = None) -> No
 
 def _summary(run_dir: Path) -> dict[str, Any]:
     """A run's EVAL_SUMMARY, or exit 2 with a message saying what to run."""
-    from pipeline.report import read_summary
+    from pipeline.evaluation.report import read_summary
 
     path = RunDir(run_dir).path(EVAL_SUMMARY)
     if not path.is_file():
@@ -87,7 +87,7 @@ def compare(
     ] = False,
 ) -> None:
     """Print two runs' metrics (eval/summary.json) side by side with B - A and the change."""
-    from pipeline.report import flat_metrics
+    from pipeline.evaluation.report import flat_metrics
 
     a, b = flat_metrics(_summary(run_a), detail), flat_metrics(_summary(run_b), detail)
     table = Table(title=f"A = {run_a}  vs  B = {run_b}")

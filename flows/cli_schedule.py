@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flows.cli import ConfigOpt, SetOpt, _fail, app
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from flows.cli import ConfigOpt, SetOpt, _fail, _stage_config, app
-from pipeline.rundir import ArtifactError, RunDir
+from pipeline.core.rundir import ArtifactError, RunDir
 
 
 def parse_attributes(pairs: list[str], multi: set[str]) -> dict[str, str | list[str]]:
@@ -60,7 +60,7 @@ def recommend(
     --user, or a user the bundle does not know) make a cold-start request. A bundle that fails
     its checks exits non-zero with the reason.
     """
-    from pipeline.serving import BundleError, Retriever
+    from pipeline.serving.retriever import BundleError, Retriever
 
     try:
         retriever = Retriever(bundle, backend=backend)
@@ -88,8 +88,8 @@ def register(
     ] = None,
 ) -> None:
     """Log a bundle as an MLflow pyfunc model and register it; prints the version and its URI."""
-    from pipeline.registry import model_uri, register_bundle
-    from pipeline.serving import BundleError
+    from pipeline.release.registry import model_uri, register_bundle
+    from pipeline.serving.retriever import BundleError
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -125,10 +125,10 @@ def gate(
     Registers the bundle and promotes it only if its registry.metric on the run's test split
     is at least the champion's minus registry.tolerance (exit code 0 either way).
     """
-    from pipeline.config import ConfigError
-    from pipeline.gate import GateError, run_gate
-    from pipeline.registry import RegistryError
-    from pipeline.serving import BundleError
+    from pipeline.core.config import ConfigError
+    from pipeline.release.gate import GateError, run_gate
+    from pipeline.release.registry import RegistryError
+    from pipeline.serving.retriever import BundleError
 
     rd = RunDir(run_dir)
     try:

@@ -1,14 +1,14 @@
 """The ``retrain`` Prefect flow: every stage as a task, one MLflow parent run around them.
 
 Runs with no server (Prefect's ephemeral local mode) or against a Prefect server when
-``PREFECT_API_URL`` is set. Tasks are the stages of ``pipeline.runner``; the I/O-bound ones
+``PREFECT_API_URL`` is set. Tasks are the stages of ``pipeline.core.runner``; the I/O-bound ones
 (ingest, export) retry on failure. Stage inputs pass through the run directory only.
 
 Re-runs are cheap: the default run directory is named by the hash of the config and the raw
 inputs, a stage whose inputs (config sections, upstream outputs, raw files) are unchanged and
 whose outputs are intact is skipped (its task ends in a Completed state named "Skipped"), and
 an interrupted training resumes from its checkpoint. The whole flow holds the pipeline's lock
-(``pipeline.lock``): a second retrain of the same config name in the same work directory
+(``pipeline.core.lock``): a second retrain of the same config name in the same work directory
 fails at once, naming the lock file.
 """
 
@@ -22,10 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 import flows.env  # noqa: F401  (sets telemetry/timeouts before prefect is imported)
-from pipeline.config import Config, load_config
-from pipeline.lock import pipeline_lock
-from pipeline.rundir import EVAL_REPORT, RunDir, StageRecord
-from pipeline.runner import (
+from pipeline.core.config import Config, load_config
+from pipeline.core.lock import pipeline_lock
+from pipeline.core.rundir import EVAL_REPORT, RunDir, StageRecord
+from pipeline.core.runner import (
     STAGES,
     TrackingContext,
     default_run_dir,
@@ -33,7 +33,7 @@ from pipeline.runner import (
     init_run,
     run_stage,
 )
-from pipeline.tracking import Tracker
+from pipeline.release.tracking import Tracker
 
 # retries for stages whose failures are mostly I/O (files, object stores)
 RETRIES: dict[str, int] = {"ingest": 2, "export": 2}
@@ -54,9 +54,9 @@ def stage_task(
 
 @task(cache_policy=NO_CACHE, name="gate")
 def gate_task(cfg: Config, run: RunDir, work: Path, reuse: bool = True) -> dict:
-    """The champion gate after export (``pipeline.gate``): register the bundle, promote it or
+    """The champion gate after export (``pipeline.release.gate``): register the bundle, promote it or
     not, and show the decision as the markdown artifact "champion-gate"."""
-    from pipeline.gate import decision_markdown, run_gate  # lazily: MLflow registry, serving
+    from pipeline.release.gate import decision_markdown, run_gate  # lazily: MLflow registry, serving
 
     decision = run_gate(cfg, run, workdir=work, reuse=reuse)
     get_run_logger().info(f"gate: {decision.reason} (version {decision.version})")
@@ -79,11 +79,11 @@ def retrain(
 
     ``run_dir`` defaults to ``<workdir>/<name>-<hash of config and raw inputs>``; ``reuse``
     skips unchanged stages and resumes an interrupted training (False re-runs every stage).
-    With ``registry.enabled`` the champion gate (``pipeline.gate``) runs after export.
+    With ``registry.enabled`` the champion gate (``pipeline.release.gate``) runs after export.
     ``until`` sets ``data.until``; ``"scheduled"`` means this flow run's scheduled start
     time, so a scheduled run (or its retry) always sees the interactions up to its slot.
     ``train.warm_start`` / ``features.vocab_from`` set to ``champion`` start from the bundle
-    the registry's alias points at (:func:`pipeline.gate.resolve_champion`).
+    the registry's alias points at (:func:`pipeline.release.gate.resolve_champion`).
     """
     overrides = list(overrides or [])
     if until is not None:
@@ -105,7 +105,7 @@ def _until(until: str) -> str:
 
 def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool) -> str:
     """The flow's body, run while the pipeline's lock is held."""
-    from pipeline.gate import resolve_champion  # lazily: the MLflow registry
+    from pipeline.release.gate import resolve_champion  # lazily: the MLflow registry
 
     cfg = resolve_champion(cfg, work)
     run = RunDir(run_dir) if run_dir else default_run_dir(work, cfg)

@@ -47,9 +47,9 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     """A finished run of configs/tiny.yaml (every stage, no Prefect, no tracking)."""
-    from pipeline.config import load_config
-    from pipeline.rundir import RunDir
-    from pipeline.runner import run_all
+    from pipeline.core.config import load_config
+    from pipeline.core.rundir import RunDir
+    from pipeline.core.runner import run_all
 
     cfg = load_config(CONFIGS / "tiny.yaml", ["tracking.enabled=false", "export.version=v1"])
     run = RunDir(tmp_path_factory.mktemp("tiny") / "run")

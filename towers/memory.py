@@ -11,7 +11,7 @@ queue after a warm-up.
 
 Queued items were past batches' positives, so they are drawn from the same popularity
 distribution as the in-batch candidates: their logQ correction is the in-batch one with the
-pool size B + M (see ``pipeline.negatives``).
+pool size B + M (see ``pipeline.training.negatives``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from pipeline.config import SyntheticConfig
+from pipeline.core.config import SyntheticConfig
 from pipeline.readers.common import conform_interactions
 from pipeline.readers.movielens import AGE_BUCKETS
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.config import ColumnMap
+from pipeline.core.config import ColumnMap
 from pipeline.readers.common import (
     IngestError,
     attribute_table,

@@ -8,7 +8,7 @@ import re
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.rundir import EVAL_HTML, EVAL_REPORT, EVAL_SUMMARY, RunDir, write_json
+from pipeline.core.rundir import EVAL_HTML, EVAL_REPORT, EVAL_SUMMARY, RunDir, write_json
 
 KS = [10, 20]
 
@@ -92,8 +92,8 @@ def test_report_command_writes_files(tmp_path):
 def test_report_command_logs_files_on_the_runs_mlflow_parent(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import TrackingConfig
-    from pipeline.tracking import Tracker
+    from pipeline.core.config import TrackingConfig
+    from pipeline.release.tracking import Tracker
 
     run = make_run(tmp_path, "a", summary(0.15, 0.12))
     tracker = Tracker(TrackingConfig(), tmp_path)

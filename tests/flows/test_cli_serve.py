@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.cli_serve import parse_attributes
-from pipeline.rundir import EXPORT_DIR
-from pipeline.serving import Retriever
+from pipeline.core.rundir import EXPORT_DIR
+from pipeline.serving.retriever import Retriever
 
 
 @pytest.fixture(scope="module")

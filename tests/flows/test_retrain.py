@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.rundir import EVAL_SUMMARY, EXPORT_DIR, RunDir
-from pipeline.runner import STAGES
-from pipeline.tracking import search_runs
+from pipeline.core.rundir import EVAL_SUMMARY, EXPORT_DIR, RunDir
+from pipeline.core.runner import STAGES
+from pipeline.release.tracking import search_runs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -184,7 +184,7 @@ def test_cli_rerun_of_a_run_dir_redoes_only_changed_stages(flow_run, tmp_path: P
 def test_second_retrain_of_a_pipeline_fails_naming_the_lock(
     prefect_harness, tmp_path: Path
 ) -> None:
-    from pipeline.lock import lock_path, pipeline_lock
+    from pipeline.core.lock import lock_path, pipeline_lock
 
     with pipeline_lock(tmp_path, "tiny"):
         res = CliRunner().invoke(

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from flows.cli_schedule import build_deployment
-from pipeline.config import ConfigError, load_config
-from pipeline.rundir import EVAL_SUMMARY, RunDir
-from pipeline.runner import STAGES
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.rundir import EVAL_SUMMARY, RunDir
+from pipeline.core.runner import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

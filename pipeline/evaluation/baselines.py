@@ -1,0 +1,117 @@
+"""Non-neural baselines on the model's split and protocol: item-kNN (popularity is in metrics).
+
+Item-kNN (Sarwar et al., "Item-based collaborative filtering recommendation algorithms",
+WWW 2001; Deshpande & Karypis, "Item-based top-N recommendation algorithms", TOIS 2004):
+
+* ``X`` (users, items) is the binary matrix of train+valid interactions;
+* ``S = cos(X[:, i], X[:, j])`` for every item pair, then each row ``j`` keeps only its
+  ``neighbours`` most similar items ``i != j`` with ``S > 0`` (the item's neighbourhood);
+* a candidate ``j`` scores ``sum(S[j, i] for i in the user's items)`` = ``(X @ S.T)[u, j]``:
+  each candidate is judged by its own neighbourhood, as Sarwar et al. predict an item from
+  its most similar items (on Gowalla: recall@20 0.127, vs 0.116 when each of the user's items
+  instead votes for its own top neighbours).
+
+Everything is sparse (scipy.sparse) and batched: the similarity is built a block of item rows
+at a time (dense block, ``torch.topk`` per row), the scores a batch of users at a time through
+:func:`pipeline.evaluation.metrics.topk_scored`, which masks seen items exactly as the model's ranking
+does. On Gowalla (29,858 users x 40,981 items, ~810k interactions) both take seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from pipeline.evaluation.metrics import UserItems, topk_scored
+
+__all__ = ["interaction_matrix", "item_knn_topk", "item_similarity"]
+
+
+def interaction_matrix(
+    users: np.ndarray, items: np.ndarray, n_users: int, n_items: int
+) -> sp.csr_matrix:
+    """(n_users, n_items) binary CSR matrix of (user, item) events; repeats count once."""
+    u = np.asarray(users, dtype=np.int64)
+    i = np.asarray(items, dtype=np.int64)
+    if u.shape != i.shape or u.ndim != 1:
+        raise ValueError(f"users and items must be 1-d of one length, got {u.shape}, {i.shape}")
+    if u.size and (u.min() < 0 or u.max() >= n_users or i.min() < 0 or i.max() >= n_items):
+        raise ValueError(f"ids must lie in [0, {n_users}) x [0, {n_items})")
+    x = sp.csr_matrix(
+        (np.ones(u.size, np.float32), (u, i)), shape=(n_users, n_items), dtype=np.float32
+    )
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+def item_similarity(x: sp.spmatrix, neighbours: int, block: int = 1024) -> sp.csr_matrix:
+    """(N, N) cosine similarity of the item columns of ``x``, each row pruned to its top items.
+
+    Row ``i`` keeps the ``neighbours`` items ``j != i`` most similar to ``i`` (ties -> any),
+    only those with similarity > 0. Built ``block`` rows at a time: one (block, N) dense
+    float32 slab in memory (~170 MB for 1,024 x 41k).
+    """
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be >= 1, got {neighbours}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    x = sp.csr_matrix(x, dtype=np.float32)
+    n = x.shape[1]
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(0), dtype=np.float64).ravel())  # (N,)
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    xn = (x @ sp.diags(inv.astype(np.float32))).tocsc()  # (U, N) unit columns
+    xt = xn.T.tocsr()  # (N, U)
+    keep = min(neighbours, max(n - 1, 0))
+    rows, cols, vals = [], [], []
+    if keep == 0:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        slab = torch.from_numpy((xt[start:stop] @ xn).toarray())  # (B, N) cosine
+        r = torch.arange(stop - start)
+        slab[r, r + start] = 0.0  # an item is not its own neighbour
+        v, c = torch.topk(slab, keep, dim=1)  # (B, keep)
+        ok = v > 0
+        rows.append((r[:, None] + start).expand_as(c)[ok].numpy())
+        cols.append(c[ok].numpy())
+        vals.append(v[ok].numpy())
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n, n),
+        dtype=np.float32,
+    )
+
+
+def item_knn_topk(
+    history: sp.spmatrix,
+    similarity: sp.spmatrix,
+    item_ids: np.ndarray,
+    exclude: UserItems | None,
+    k: int,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Top-k ids per query user by item-kNN scores ``history @ similarity.T``.
+
+    Args:
+        history: (U, V) the query users' interactions over the item vocabulary (row = user).
+        similarity: (V, V) from :func:`item_similarity` on the same vocabulary.
+        item_ids: (N,) the ranked catalogue (item ids < V); exclude: seen items per row.
+
+    Returns (U, k) int64 ids; ties (e.g. the zero scores of items near none of the user's
+    items) -> lower id first; -1 when fewer than k items are left after exclusion.
+    """
+    h = sp.csr_matrix(history, dtype=np.float32)
+    s = sp.csr_matrix(similarity, dtype=np.float32)
+    if h.shape[1] != s.shape[0] or s.shape[0] != s.shape[1]:
+        raise ValueError(f"history {h.shape} and similarity {s.shape} do not match")
+    ids = np.sort(np.asarray(item_ids, dtype=np.int64))
+    if ids.size and (ids[0] < 0 or ids[-1] >= s.shape[1]):
+        raise ValueError(f"item_ids must lie in [0, {s.shape[1]}) (the similarity's vocabulary)")
+    w = s[ids].T.tocsr()  # (V, N): column n = the neighbourhood of item ids[n]
+
+    def score_batch(start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        return (h[start:stop] @ w).toarray(out=out)  # (B, N), written into ``out``
+
+    return topk_scored(score_batch, h.shape[0], ids, exclude, k, batch_size)

@@ -1,0 +1,309 @@
+"""The ``evaluate`` stage: offline metrics by the protocol of DESIGN.md, baselines beside.
+
+For every user in USER_EMBEDDINGS with at least one test event: rank the whole catalogue
+(every indexed item) with the user's train+valid items excluded, and score the top-k against
+the user's test items (an unknown test item, id 0, counts in |test| but can never be hit).
+Four rankings side by side on the same users and split:
+
+* ``index`` — through the built FAISS index (the served path, loaded from INDEX);
+* ``exact`` — brute force over ITEM_EMBEDDINGS (so the ANN loss is visible);
+* ``popularity`` — the most popular unseen items by ``pop_all`` (train+valid counts);
+* ``item_knn`` — item-kNN on the train+valid interactions (:mod:`pipeline.evaluation.baselines`).
+
+Each gets recall, NDCG, MRR, hit rate, precision, catalogue coverage and popularity bias
+(mean ``pop_train`` of what it recommends) at every k; recall and NDCG keep their keys and
+values of before. Beside them: breakdowns by user activity and test-item popularity
+(:mod:`pipeline.evaluation.breakdown`) and embedding health (:mod:`pipeline.evaluation.embedding_health`).
+
+Writes EVAL_SUMMARY (JSON), then the report (:mod:`pipeline.evaluation.report`: EVAL_REPORT markdown,
+EVAL_HTML and its PNG plots). The array-level work lives in :mod:`pipeline.evaluation.metrics`;
+:func:`evaluate_vectors` is re-exported here for callers that want the exact path only (e.g.
+per-epoch validation in training).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.evaluation.baselines import interaction_matrix, item_knn_topk, item_similarity
+from pipeline.evaluation.breakdown import (
+    activity_buckets,
+    breakdown,
+    item_buckets_of,
+    popularity_buckets,
+    popularity_thresholds,
+    read_popularity,
+)
+from pipeline.core.config import EvalConfig, section_hash
+from pipeline.evaluation.embedding_health import embedding_health
+from pipeline.retrieval.index import (
+    check_metric,
+    load_index,
+    metric_name,
+    read_embed_meta,
+    read_item_embeddings,
+    read_vectors,
+    set_search_params,
+)
+from pipeline.evaluation.metrics import (
+    UserItems,
+    coverage,
+    evaluate_vectors,
+    popularity_bias,
+    popularity_topk,
+    ranking_metrics,
+    topk_exact,
+    topk_index,
+    topk_overlap,
+)
+from pipeline.evaluation.report import flat_metrics, write_report
+from pipeline.core.rundir import (
+    EMBED_META,
+    EVAL_SUMMARY,
+    EVENTS,
+    FEATURE_META,
+    INDEX,
+    INDEX_META,
+    USER_EMBEDDINGS,
+    ArtifactError,
+    RunDir,
+    StageRecord,
+    read_json,
+    scan_parquet,
+    write_json,
+)
+from pipeline.core.schemas import EVENTS_KINDS, SPLITS
+
+__all__ = ["SOURCES", "evaluate_stage", "evaluate_vectors", "user_sets"]
+
+EVENTS_COLUMNS = {k: EVENTS_KINDS[k] for k in ("user_idx", "item_idx", "split")}
+SOURCES = ("index", "exact", "item_knn", "popularity")  # the rankings, model first
+
+
+def _read_events(run: RunDir, users: np.ndarray | None = None) -> pl.DataFrame:
+    """EVENTS (user_idx, item_idx as Int64, split), of ``users`` only when given; split checked."""
+    path = run.path(EVENTS)
+    lf = scan_parquet(path, EVENTS_COLUMNS).select(
+        pl.col("user_idx").cast(pl.Int64), pl.col("item_idx").cast(pl.Int64), "split"
+    )
+    if users is not None:
+        lf = lf.join(pl.LazyFrame({"user_idx": users.astype(np.int64)}), on="user_idx", how="semi")
+    ev = lf.collect()
+    bad = ev.filter(~pl.col("split").is_in(SPLITS))
+    if bad.height:
+        raise ArtifactError(
+            f"{path}: column 'split' holds {bad['split'][0]!r}, expected one of {SPLITS}"
+        )
+    return ev
+
+
+def user_sets(
+    run: RunDir, users: np.ndarray, events: pl.DataFrame | None = None
+) -> tuple[UserItems, UserItems]:
+    """(truth, exclude) over the rows of ``users``: their test items and train+valid items.
+
+    Known test items are de-duplicated; every unknown test event (item 0) is kept, since
+    distinct unknown items share id 0 (see :meth:`UserItems.from_pairs`). ``events`` (from
+    :func:`_read_events`) saves reading EVENTS again.
+    """
+    ev = _read_events(run, users) if events is None else events
+    test = ev.filter(pl.col("split") == "test")
+    seen = ev.filter(pl.col("split") != "test")
+    truth = UserItems.for_users(users, test["user_idx"].to_numpy(), test["item_idx"].to_numpy())
+    exclude = UserItems.for_users(users, seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy())
+    return truth, exclude
+
+
+def _list_metrics(
+    top: np.ndarray,
+    truth: UserItems,
+    item_ids: np.ndarray,
+    pop_train: np.ndarray,
+    ks: list[int],
+) -> dict[str, float]:
+    """Every metric of one ranking: accuracy against ``truth`` and properties of the lists."""
+    out = ranking_metrics(top, truth, ks)
+    out.update(coverage(top, int(item_ids.size), ks))
+    out.update(popularity_bias(top, item_ids, pop_train, ks))
+    return out
+
+
+def _activity(seen: pl.DataFrame, users: np.ndarray) -> np.ndarray:
+    """(U,) train+valid events of each of ``users`` (0 for users with none)."""
+    counts = seen.group_by("user_idx").len()
+    uid = counts["user_idx"].to_numpy()
+    n = counts["len"].to_numpy().astype(np.int64)
+    order = np.argsort(uid)
+    uid, n = uid[order], n[order]
+    if uid.size == 0:
+        return np.zeros(users.size, np.int64)
+    pos = np.minimum(np.searchsorted(uid, users), uid.size - 1)
+    return np.where(uid[pos] == users, n[pos], 0)
+
+
+def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> StageRecord:
+    """USER/ITEM_EMBEDDINGS + EVENTS + ITEM_FEATURES + INDEX -> EVAL_SUMMARY + the report.
+
+    ``nprobe`` (IVF lists probed) overrides the one saved with the index; None keeps it.
+    """
+    t_start = time.perf_counter()
+    ks = sorted(set(cfg.ks))
+    kmax = ks[-1]
+
+    # -- inputs, with the metric agreement check of DESIGN.md
+    meta = read_embed_meta(run.path(EMBED_META))
+    index_meta = read_json(run.path(INDEX_META))
+    feature_meta = read_json(run.path(FEATURE_META))
+    for key in ("n_users", "n_items"):
+        if key not in feature_meta:
+            raise ArtifactError(f"{run.path(FEATURE_META)}: missing key '{key}'")
+    item_ids, item_vecs, _ = read_item_embeddings(run)
+    user_ids, user_vecs = read_vectors(run.path(USER_EMBEDDINGS), "user_idx", int(meta["dim"]))
+    if user_ids.size and np.unique(user_ids).size != user_ids.size:
+        raise ArtifactError(f"{run.path(USER_EMBEDDINGS)}: column 'user_idx' has duplicates")
+    index = load_index(run.path(INDEX), meta=index_meta)  # tuned nprobe / efSearch, GPU options
+    index_metric = metric_name(index)
+    check_metric(bool(meta["normalized"]), meta["metric"], index_metric)
+    if index.d != item_vecs.shape[1]:
+        raise ArtifactError(
+            f"{run.path(INDEX)}: index dim {index.d} != embedding dim {item_vecs.shape[1]} "
+            "(rebuild the index after re-embedding)"
+        )
+    if int(index.ntotal) != item_ids.size:
+        raise ArtifactError(
+            f"{run.path(INDEX)}: index holds {index.ntotal} items but ITEM_EMBEDDINGS has "
+            f"{item_ids.size} (rebuild the index after re-embedding)"
+        )
+    set_search_params(index, nprobe)
+
+    events = _read_events(run)
+    truth, exclude = user_sets(run, user_ids, events)
+    has_test = truth.counts() > 0
+    if not has_test.any():
+        raise ArtifactError(f"{run.path(EVENTS)}: no test events for the embedded users")
+    # Users without a test event add nothing to the averages: score only the others.
+    rows = np.flatnonzero(has_test)
+    truth, exclude = truth.take(rows), exclude.take(rows)
+    users = user_ids[rows]
+    query_vecs = user_vecs[rows]
+    seen = events.filter(pl.col("split") != "test")
+    pop_all, pop_train = read_popularity(run, item_ids)
+
+    # -- the rankings, each timed
+    seconds: dict[str, float] = {}
+    tops: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    tops["index"] = topk_index(index, query_vecs, exclude, kmax, max(cfg.batch_size, 4096))
+    seconds["index"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tops["exact"] = topk_exact(
+        query_vecs, item_vecs, item_ids, exclude, kmax, cfg.batch_size, meta["metric"]
+    )
+    seconds["exact"] = time.perf_counter() - t0
+    if cfg.item_knn:
+        t0 = time.perf_counter()
+        n_users = max(int(feature_meta["n_users"]), int(events["user_idx"].max()) + 1)
+        n_items = max(int(feature_meta["n_items"]), int(events["item_idx"].max()) + 1)
+        x = interaction_matrix(
+            seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy(), n_users, n_items
+        )
+        sim = item_similarity(x, cfg.knn_neighbours, block=min(cfg.batch_size, 1024))
+        tops["item_knn"] = item_knn_topk(x[users], sim, item_ids, exclude, kmax, cfg.batch_size)
+        seconds["item_knn"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tops["popularity"] = popularity_topk(pop_all, item_ids, exclude, kmax, cfg.batch_size)
+    seconds["popularity"] = time.perf_counter() - t0
+
+    # -- metrics, breakdowns, embedding health
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {
+        src: _list_metrics(top, truth, item_ids, pop_train, ks) for src, top in tops.items()
+    }
+    for k in ks:
+        summary[f"ann_overlap@{k}"] = topk_overlap(tops["index"], tops["exact"], k)
+    user_codes, cuts = activity_buckets(_activity(seen, users), cfg.activity_cuts)
+    thresholds = popularity_thresholds(pop_train, cfg.popularity_shares)
+    truth_codes = item_buckets_of(
+        truth.indices, item_ids, popularity_buckets(pop_train, thresholds)
+    )
+    parts = breakdown(tops, truth, user_codes, truth_codes, ks)
+    seconds["metrics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test = events.filter(pl.col("split") == "test")
+    health = embedding_health(
+        user_ids,
+        user_vecs,
+        item_ids,
+        item_vecs,
+        {
+            "seen": (seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy()),
+            "test": (test["user_idx"].to_numpy(), test["item_idx"].to_numpy()),
+        },
+        sample=cfg.health_sample,
+        seed=cfg.seed,
+    )
+    seconds["health"] = time.perf_counter() - t0
+
+    summary.update(
+        {
+            "n_users": int(rows.size),
+            "n_users_embedded": int(user_ids.size),
+            "n_items": int(item_ids.size),
+            "n_items_vocab": int(feature_meta["n_items"]),
+            "n_test_unknown": int((truth.indices == 0).sum()),
+            "ks": ks,
+            "factory": index_meta.get("factory"),
+            "metric": index_metric,
+            "nprobe": nprobe if nprobe is not None else index_meta.get("nprobe"),
+            "seconds": seconds,
+            "baselines": {
+                "popularity": {"score": "pop_all (train+valid events)"},
+                **(
+                    {"item_knn": {"neighbours": cfg.knn_neighbours, "data": "train+valid"}}
+                    if cfg.item_knn
+                    else {}
+                ),
+            },
+            "breakdown": {
+                "users": {
+                    "by": "train+valid events",
+                    "cuts": cuts,
+                    "cuts_from": "eval.activity_cuts" if cfg.activity_cuts else "terciles",
+                    "buckets": parts["users"],
+                },
+                "items": {
+                    "by": "pop_train",
+                    "shares": list(cfg.popularity_shares),
+                    "thresholds": thresholds,
+                    "buckets": parts["items"],
+                },
+            },
+            "health": health,
+        }
+    )
+    write_json(summary, run.path(EVAL_SUMMARY))
+    t0 = time.perf_counter()
+    outputs = write_report(cfg, run, summary)
+    report_seconds = time.perf_counter() - t0
+
+    return StageRecord(
+        stage="evaluate",
+        config_hash=section_hash(cfg),
+        outputs={"summary": EVAL_SUMMARY, **outputs},
+        rows={"users": int(rows.size), "items": int(item_ids.size)},
+        metrics={**_tracked_metrics(summary), "report_seconds": report_seconds},
+        seconds=time.perf_counter() - t_start,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    )
+
+
+def _tracked_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The figures logged as MLflow metrics: every ranking's metrics, the ANN overlap, the
+    breakdowns (``{src}/users_{bucket}/recall@k``, ``{src}/items_{bucket}/recall@k``, ...) and
+    embedding health (``health/...``); the same names ``twotower compare`` shows."""
+    return {k: v for k, v in flat_metrics(summary, detail=True).items() if "seconds/" not in k}

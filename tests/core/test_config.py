@@ -1,0 +1,67 @@
+"""The config schema: defaults file in sync, strict keys, overrides, error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.core.config import Config, ConfigError, load_config, section_hash
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_default_yaml_lists_every_field_with_its_default() -> None:
+    raw = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert raw == Config().model_dump(mode="json")
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml", "gowalla.yaml", "ml-100k.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / name)
+    assert cfg.name
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epochz' in .*bad.yaml"):
+        load_config(p)
+
+
+def test_bad_value_names_key(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match=r"'train.batch_size' in .*bad.yaml"):
+        load_config(p)
+
+
+def test_override_sets_nested_values_and_rejects_typos() -> None:
+    cfg = load_config(None, ["train.epochs=3", "eval.ks=[5,1]", "model.hidden=[32]"])
+    assert cfg.train.epochs == 3
+    assert cfg.eval.ks == [1, 5]
+    assert cfg.model.hidden == [32]
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' in the defaults with --set"):
+        load_config(None, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="must look like"):
+        load_config(None, ["train.epochs"])
+
+
+def test_missing_file_and_data_path_required(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config(None, ["data.source=lightgcn"])
+
+
+def test_metric_must_agree_with_normalisation() -> None:
+    with pytest.raises(ConfigError, match="index.metric must be 'ip'"):
+        load_config(None, ["index.metric=l2"])
+    assert load_config(None, ["index.metric=l2", "model.normalize=false"]).index.metric == "l2"
+
+
+def test_section_hash_changes_only_with_its_section() -> None:
+    a, b = Config(), load_config(None, ["train.epochs=99"])
+    assert section_hash(a.features) == section_hash(b.features)
+    assert section_hash(a.train) != section_hash(b.train)

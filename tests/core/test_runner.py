@@ -1,0 +1,282 @@
+"""Stage runner: a run directory built with other config values is refused, naming the keys;
+unchanged stages are skipped by content hash, a failed one resumes without redoing the rest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.core import runner
+from pipeline.core.config import load_config
+from pipeline.core.rundir import (
+    BEST_CHECKPOINT,
+    EMBED_META,
+    EVAL_SUMMARY,
+    FEATURE_META,
+    ITEM_VOCAB,
+    USER_VOCAB,
+    RunDir,
+)
+from pipeline.core.runner import (
+    RunConfigError,
+    check_run_config,
+    default_run_dir,
+    file_digest,
+    input_hash,
+    output_hash,
+    pipeline_key,
+    run_all,
+    run_stage,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_upstream_config_change_is_refused_own_section_allowed(tiny_run) -> None:
+    cfg, run = tiny_run
+    other = load_config(CONFIGS / "tiny.yaml", ["tracking.enabled=false", "features.history_len=7"])
+    with pytest.raises(RunConfigError, match=r"features.history_len \(run: 20, given: 7\)"):
+        check_run_config(run, other, "train")
+    # the features stage itself may be re-run with new values, and training may change freely
+    check_run_config(run, other, "features")
+    more_epochs = load_config(CONFIGS / "tiny.yaml", ["tracking.enabled=false", "train.epochs=9"])
+    check_run_config(run, more_epochs, "train")
+    with pytest.raises(RunConfigError, match="train.epochs"):
+        check_run_config(run, more_epochs, "evaluate")
+
+
+def test_manifest_holds_config_code_version_and_every_stage(tiny_run) -> None:
+    cfg, run = tiny_run
+    m = run.manifest()
+    assert m["config"] == cfg.model_dump(mode="json")
+    assert m["code_version"]
+    assert list(m["stages"]) == [
+        "ingest",
+        "features",
+        "train",
+        "embed",
+        "index",
+        "evaluate",
+        "export",
+    ]
+    for rec in m["stages"].values():
+        assert rec["seconds"] >= 0 and rec["peak_rss_mb"] > 0
+
+
+def test_bad_input_stops_before_writing(tmp_path: Path) -> None:
+    cfg = load_config(
+        None, ["tracking.enabled=false", "data.source=lightgcn", f"data.path={tmp_path / 'none'}"]
+    )
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(ValueError, match="none"):
+        run_stage("ingest", cfg, run)
+    assert not (run.root / "interactions").exists()
+
+
+# -- content-hash skipping, resume after a failure ------------------------------------------
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path: Path):
+    """A private copy of the finished tiny run (records hold paths relative to the run)."""
+    cfg, run = tiny_run
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root)
+    return cfg, copy
+
+
+@pytest.fixture
+def stage_calls(monkeypatch: pytest.MonkeyPatch):
+    """Record which stage functions really run (and with which kwargs); ``fail`` injects
+    one failure: {"train": 1} kills training after epoch 1, {"embed": None} fails embed."""
+    calls: list[tuple[str, dict]] = []
+    fail: dict[str, int | None] = {}
+    real = runner._stage_fn
+
+    def fake(stage: str):
+        fn = real(stage)
+
+        def wrapped(cfg, run, **kw):
+            calls.append((stage, dict(kw)))
+            epochs: list[int] = []
+            calls[-1][1]["epochs_seen"] = epochs
+            if stage in fail:
+                at = fail.pop(stage)
+                if at is None:
+                    raise RuntimeError(f"injected failure in {stage}")
+
+                def on_epoch(step: int, metrics: dict) -> None:
+                    epochs.append(step)
+                    if step == at:
+                        raise RuntimeError(f"killed after epoch {at}")
+
+                kw["on_epoch"] = on_epoch
+            elif stage == "train":
+                kw["on_epoch"] = lambda step, metrics: epochs.append(step)
+            return fn(cfg, run, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(runner, "_stage_fn", fake)
+    return calls, fail
+
+
+def test_unchanged_rerun_skips_every_stage(run_copy, stage_calls) -> None:
+    cfg, run = run_copy
+    calls, _ = stage_calls
+    before = {s: r["finished_at"] for s, r in run.manifest()["stages"].items()}
+    recs = run_all(cfg, run, reuse=True)
+    assert calls == []
+    assert all(r.skipped for r in recs.values())
+    after = run.manifest()["stages"]
+    assert {s: r["finished_at"] for s, r in after.items()} == before
+    assert all(r["skipped"] and r["input_hash"] and r["output_hash"] for r in after.values())
+
+
+def test_changed_section_reruns_its_stage_and_later_ones_only(run_copy, stage_calls) -> None:
+    cfg, run = run_copy
+    calls, _ = stage_calls
+    other = load_config(
+        CONFIGS / "tiny.yaml", ["tracking.enabled=false", "export.version=v2", "eval.ks=[5,20]"]
+    )
+    recs = run_all(other, run, reuse=True)
+    assert [s for s, _ in calls] == ["evaluate", "export"]
+    assert [s for s, r in recs.items() if r.skipped] == [
+        "ingest",
+        "features",
+        "train",
+        "embed",
+        "index",
+    ]
+    assert "recall@5" in json.loads(run.path(EVAL_SUMMARY).read_text())["index"]
+
+
+def test_same_ingest_output_lets_later_stages_skip(run_copy, stage_calls) -> None:
+    """A data section change that leaves the ingested bytes as they were (here a path the
+    synthetic source ignores; in production e.g. a moved cut-off with no new events)."""
+    cfg, run = run_copy
+    calls, _ = stage_calls
+    moved = load_config(
+        CONFIGS / "tiny.yaml", ["tracking.enabled=false", "export.version=v1", "data.path=/x"]
+    )
+    old_ingest = run.stage_record("ingest")
+    recs = run_all(moved, run, reuse=True)
+    assert [s for s, _ in calls] == ["ingest"]
+    assert recs["ingest"].input_hash != old_ingest["input_hash"]
+    assert recs["ingest"].output_hash == old_ingest["output_hash"]
+    assert all(r.skipped for s, r in recs.items() if s != "ingest")
+
+
+def test_tampered_output_is_rebuilt(run_copy, stage_calls) -> None:
+    cfg, run = run_copy
+    calls, _ = stage_calls
+    before = run.stage_record("embed")["output_hash"]
+    run.path(EMBED_META).write_text("{}")  # an output changed behind the manifest's back
+    assert output_hash(run, run.stage_record("embed")["outputs"]) != before
+    recs = run_all(cfg, run, reuse=True)
+    # embed runs again and writes the same bytes (same model), so the later stages skip
+    assert [s for s, _ in calls] == ["embed"]
+    assert recs["embed"].output_hash == before and not recs["embed"].skipped
+    assert json.loads(run.path(EMBED_META).read_text()) != {}
+
+
+def test_failed_stage_resumes_without_redoing_earlier_ones(run_copy, stage_calls) -> None:
+    cfg, run = run_copy
+    calls, fail = stage_calls
+    first = {s: r["finished_at"] for s, r in run.manifest()["stages"].items()}
+    new_lr = load_config(
+        CONFIGS / "tiny.yaml", ["tracking.enabled=false", "export.version=v2", "train.lr=0.02"]
+    )
+    # 1) training dies after its epoch 1 (checkpoint of epochs 0-1 on disk)
+    fail["train"] = 1
+    with pytest.raises(RuntimeError, match="killed after epoch 1"):
+        run_all(new_lr, run, reuse=True)
+    assert [s for s, _ in calls] == ["train"]  # ingest and features were skipped
+    assert run.manifest()["attempts"]["train"]
+    # 2) the re-run resumes training at epoch 2, then embed fails once
+    calls.clear()
+    fail["embed"] = None
+    with pytest.raises(RuntimeError, match="injected failure in embed"):
+        run_all(new_lr, run, reuse=True)
+    assert [s for s, _ in calls] == ["train", "embed"]
+    train_kw = calls[0][1]
+    assert train_kw.get("resume") is True and train_kw["epochs_seen"] == [2]
+    assert run.stage_record("train")["metrics"]["epochs_run"] == 3
+    trained_at = run.stage_record("train")["finished_at"]
+    # 3) the next re-run starts at embed: nothing before it runs again
+    calls.clear()
+    recs = run_all(new_lr, run, reuse=True)
+    assert [s for s, _ in calls] == ["embed", "index", "evaluate", "export"]
+    stages = run.manifest()["stages"]
+    assert stages["ingest"]["finished_at"] == first["ingest"]
+    assert stages["features"]["finished_at"] == first["features"]
+    assert stages["train"]["finished_at"] == trained_at and recs["train"].skipped
+    assert "attempts" not in run.manifest() or not run.manifest()["attempts"]
+    # 4) and then everything is unchanged
+    calls.clear()
+    assert all(r.skipped for r in run_all(new_lr, run, reuse=True).values())
+    assert calls == []
+
+
+def test_single_stage_commands_always_run(run_copy, stage_calls) -> None:
+    cfg, run = run_copy
+    calls, _ = stage_calls
+    rec = run_stage("index", cfg, run)  # reuse is the flow's choice, not the CLI's
+    assert [s for s, _ in calls] == ["index"] and not rec.skipped
+
+
+def test_raw_input_hash_follows_file_bytes_not_timestamps(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text("0 1 2\n1 2\n")
+    (data / "test.txt").write_text("0 3\n1 0\n")
+    cfg = load_config(None, ["tracking.enabled=false", "data.source=lightgcn", f"data.path={data}"])
+    empty = RunDir(tmp_path / "run")
+    h0, key0 = input_hash("ingest", cfg, empty), pipeline_key(cfg)
+    os.utime(data / "train.txt", (1, 1))  # touched, same bytes
+    assert input_hash("ingest", cfg, empty) == h0 and pipeline_key(cfg) == key0
+    (data / "train.txt").write_text("0 1 2\n1 2 3\n")  # new interactions
+    assert input_hash("ingest", cfg, empty) != h0
+    assert pipeline_key(cfg) != key0
+    assert default_run_dir(tmp_path, cfg).root.name == f"default-{pipeline_key(cfg)[:12]}"
+    # every section of every stage is part of the run's key; tracking is not
+    more = load_config(
+        None,
+        ["tracking.enabled=false", "data.source=lightgcn", f"data.path={data}", "train.epochs=2"],
+    )
+    untracked = load_config(
+        None, ["tracking.enabled=true", "data.source=lightgcn", f"data.path={data}"]
+    )
+    assert pipeline_key(more) != pipeline_key(cfg) == pipeline_key(untracked)
+    # later stages cannot be keyed before their upstream stages have output hashes
+    assert input_hash("features", cfg, empty) == ""
+
+
+def test_file_hash_streams_large_files_in_chunks(tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    payload = os.urandom(3 * (1 << 20) + 17)  # more than one read chunk
+    big.write_bytes(payload)
+    assert file_digest(big) == hashlib.sha256(payload).hexdigest()
+
+
+def test_earlier_run_read_by_vocab_from_and_warm_start_is_an_input(run_copy, tmp_path) -> None:
+    cfg, run = run_copy
+    prev = tmp_path / "prev"
+    for rel in (USER_VOCAB, ITEM_VOCAB, FEATURE_META, BEST_CHECKPOINT):
+        (prev / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run.path(rel), prev / rel)
+    chained = load_config(
+        CONFIGS / "tiny.yaml",
+        ["tracking.enabled=false", f"features.vocab_from={prev}", f"train.warm_start={prev}"],
+    )
+    features0, train0 = input_hash("features", chained, run), input_hash("train", chained, run)
+    (prev / BEST_CHECKPOINT).write_bytes(b"another model")  # the earlier run retrained
+    assert input_hash("features", chained, run) == features0
+    assert input_hash("train", chained, run) != train0
+    (prev / ITEM_VOCAB).write_bytes(b"another vocabulary")
+    assert input_hash("features", chained, run) != features0

@@ -1,0 +1,468 @@
+"""build_index / save / load / metric checks and the index stage."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.retrieval import tuning
+from pipeline.retrieval import index as index_module
+from pipeline.core.config import ConfigError, IndexConfig, load_config, section_hash
+from pipeline.retrieval.index import (
+    FactoryError,
+    auto_factory,
+    auto_nlist,
+    build_index,
+    build_index_stage,
+    check_metric,
+    load_index,
+    metric_name,
+    read_vectors,
+    save_index,
+    set_search_params,
+)
+from pipeline.core.rundir import (
+    EMBED_META,
+    INDEX,
+    INDEX_META,
+    INDEX_SWEEP,
+    INDEX_SWEEP_PLOT,
+    INDEX_SWEEP_TABLE,
+    ITEM_EMBEDDINGS,
+    USER_EMBEDDINGS,
+    ArtifactError,
+    RunDir,
+    read_json,
+    write_json,
+    write_parquet,
+)
+
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see tests/conftest.py
+
+
+def data(n=400, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    vecs = rng.standard_normal((n, dim)).astype(np.float32)
+    ids = (rng.permutation(10 * n)[:n] + 1).astype(np.int64)
+    return vecs, ids
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW8", "PCA4,IVF4,Flat", "IDMap2,Flat"])
+def test_build_index_keeps_ids(factory):
+    vecs, ids = data()
+    index = build_index(vecs, ids, factory, "l2", gpu="never")
+    assert index.ntotal == len(ids)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = ivf.nlist  # exhaustive: exact up to the transform
+    _, found = index.search(vecs, 1)  # each vector's nearest neighbour is itself
+    if factory.startswith("PCA"):
+        assert np.isin(found[:, 0], ids).all()
+    elif factory.startswith("HNSW"):  # approximate graph search: nearly always itself
+        assert (found[:, 0] == ids).mean() >= 0.98
+        np.testing.assert_array_equal(index.reconstruct_batch(ids[:5]), vecs[:5])
+    else:
+        np.testing.assert_array_equal(found[:, 0], ids)
+    assert metric_name(index) == "l2"
+
+
+def test_build_index_reconstruct_by_id_and_auto_gpu_runs_on_cpu():
+    vecs, ids = data()
+    index = build_index(vecs, ids, "Flat", "ip", gpu="auto")  # no GPU here: stays on CPU
+    np.testing.assert_array_equal(index.reconstruct(int(ids[7])), vecs[7])
+    assert metric_name(index) == "ip"
+
+
+def test_build_index_argument_errors():
+    vecs, ids = data(n=10)
+    with pytest.raises(ValueError, match="metric"):
+        build_index(vecs, ids, metric="cosine")
+    with pytest.raises(ValueError, match="unique"):
+        build_index(vecs, np.zeros(10, np.int64))
+    with pytest.raises(ValueError, match="shape"):
+        build_index(vecs, ids[:5])
+    with pytest.raises(ValueError, match="factory"):
+        build_index(vecs, ids, "NotAnIndex")
+    with pytest.raises(ValueError, match="gpu"):
+        build_index(vecs, ids, gpu="always")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8"])
+def test_save_load_round_trip(tmp_path, factory):
+    vecs, ids = data()
+    index = build_index(vecs, ids, factory, "ip")
+    path = tmp_path / "index" / "items.faiss"
+    save_index(index, path)
+    assert [p.name for p in path.parent.iterdir()] == ["items.faiss"]  # no temp file left
+    loaded = load_index(path)
+    q = vecs[:20] + 0.01
+    d0, i0 = index.search(q, 10)
+    d1, i1 = loaded.search(q, 10)
+    np.testing.assert_array_equal(i0, i1)
+    np.testing.assert_allclose(d0, d1)
+
+
+def test_load_index_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.faiss"
+    with pytest.raises(ArtifactError, match="nope.faiss"):
+        load_index(missing)
+    bad = tmp_path / "bad.faiss"
+    bad.write_bytes(b"not an index at all")
+    with pytest.raises(ArtifactError, match="bad.faiss.*not a readable FAISS index"):
+        load_index(bad)
+
+
+def test_check_metric():
+    check_metric(True, "ip", "ip")
+    check_metric(False, "ip", "ip")
+    check_metric(False, "l2", "l2")
+    with pytest.raises(ValueError, match="trained with inner product.*index.metric is l2"):
+        check_metric(True, "ip", "l2")
+    with pytest.raises(ValueError, match="trained with inner product.*index.metric is l2"):
+        check_metric(False, "ip", "l2")
+    with pytest.raises(ValueError, match="trained with L2 distance.*index.metric is ip"):
+        check_metric(False, "l2", "ip")
+    with pytest.raises(ValueError, match="normalized"):
+        check_metric(True, "l2", "l2")
+    with pytest.raises(ValueError, match="index metric"):
+        check_metric(False, "ip", "cos")
+
+
+def test_set_search_params():
+    vecs, ids = data()
+    index = build_index(vecs, ids, "IVF8,Flat", "ip")
+    set_search_params(index, 5)
+    assert faiss.extract_index_ivf(index).nprobe == 5
+    wrapped = build_index(vecs, ids, "PCA4,IVF8,Flat", "ip")
+    set_search_params(wrapped, 3)
+    assert faiss.extract_index_ivf(wrapped).nprobe == 3
+    set_search_params(build_index(vecs, ids, "Flat"), None)  # None: nothing to do
+    with pytest.raises(ValueError, match="not an IVF index"):
+        set_search_params(build_index(vecs, ids, "Flat"), 4)
+
+
+# -- the stage --------------------------------------------------------------------------------
+def write_item_embeddings(run: RunDir, vecs, ids, normalized=True, metric="ip", fixed=False):
+    df = pl.DataFrame(
+        {"item_idx": ids.astype(np.int32), "vector": vecs.astype(np.float32).tolist()},
+        schema={
+            "item_idx": pl.Int32,
+            "vector": pl.Array(pl.Float32, vecs.shape[1]) if fixed else pl.List(pl.Float32),
+        },
+    )
+    write_parquet(df, run.path(ITEM_EMBEDDINGS))
+    write_json(
+        {"dim": int(vecs.shape[1]), "normalized": normalized, "metric": metric},
+        run.path(EMBED_META),
+    )
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_build_index_stage(tmp_path, fixed):
+    run = RunDir(tmp_path)
+    vecs, _ = data(n=51)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.arange(51)  # row 0 (out of vocabulary) is present and must not be indexed
+    write_item_embeddings(run, vecs, ids, fixed=fixed)
+    cfg = IndexConfig(factory="Flat", metric="ip")
+    with pytest.warns(UserWarning, match="tuning on item vectors"):  # no user vectors here
+        rec = build_index_stage(cfg, run)
+    assert rec.stage == "index" and rec.config_hash == section_hash(cfg)
+    assert rec.rows == {"items": 50} and "build_seconds" in rec.metrics
+    assert rec.metrics["ann_recall@20"] == 1.0  # Flat is exact
+    assert rec.outputs == {
+        "index": INDEX,
+        "index_meta": INDEX_META,
+        "sweep": INDEX_SWEEP,
+        "sweep_table": INDEX_SWEEP_TABLE,
+        "sweep_plot": INDEX_SWEEP_PLOT,
+    }
+    meta = read_json(run.path(INDEX_META))
+    tune = meta.pop("tune")
+    assert meta == {
+        "factory": "Flat",
+        "factory_config": "Flat",
+        "metric": "ip",
+        "dim": 8,
+        "ntotal": 50,
+        "normalized": True,
+        "nprobe": None,
+        "ef_search": None,
+        "refine_k_factor": None,
+        "gpu": False,
+        "gpu_mode": "replicate",
+        "gpu_fp16": False,
+    }
+    assert tune["param"] is None and tune["chosen"] is None and tune["queries"] == "items"
+    sweep = read_json(run.path(INDEX_SWEEP))
+    assert sweep["param"] is None and sweep["chosen"] is None and len(sweep["rows"]) == 1
+    assert sweep["rows"][0]["value"] == 0 and sweep["rows"][0]["ann_recall"] == 1.0
+    index = load_index(run.path(INDEX))
+    _, found = index.search(vecs[1:], 1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(1, 51))
+
+
+def test_build_index_stage_saves_nprobe(tmp_path):
+    run = RunDir(tmp_path)
+    vecs, _ = data(n=200)
+    write_item_embeddings(run, vecs, np.arange(1, 201), normalized=False)
+    build_index_stage(IndexConfig(factory="IVF8,Flat", nprobe=3, tune=False), run)
+    assert faiss.extract_index_ivf(load_index(run.path(INDEX))).nprobe == 3
+    assert read_json(run.path(INDEX_META))["nprobe"] == 3
+    with pytest.raises(ValueError, match="not an IVF index.*index.nprobe"):
+        build_index_stage(IndexConfig(factory="Flat", nprobe=3), run)
+
+
+def test_build_index_stage_refuses_l2_for_a_cosine_model(tmp_path):
+    run = RunDir(tmp_path)
+    vecs, _ = data(n=20)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    write_item_embeddings(run, vecs, np.arange(1, 21), normalized=True, metric="ip")
+    with pytest.raises(ValueError, match="trained with inner product.*index.metric is l2"):
+        build_index_stage(IndexConfig(metric="l2"), run)
+    assert not run.path(INDEX).exists()
+
+
+def test_build_index_stage_artifact_errors(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(ArtifactError, match="embeddings/meta.json"):
+        build_index_stage(IndexConfig(), run)
+    vecs, ids = data(n=20)
+    write_item_embeddings(run, vecs, ids, normalized=True)  # not actually normalised
+    with pytest.raises(ArtifactError, match="items.parquet.*normalized"):
+        build_index_stage(IndexConfig(), run)
+    write_json({"dim": 9, "normalized": False, "metric": "ip"}, run.path(EMBED_META))
+    with pytest.raises(ArtifactError, match="items.parquet.*dim=9"):
+        build_index_stage(IndexConfig(), run)
+    run.path(ITEM_EMBEDDINGS).unlink()
+    with pytest.raises(ArtifactError, match="embeddings/items.parquet"):
+        build_index_stage(IndexConfig(), run)
+
+
+def test_read_vectors_errors_name_file_and_column(tmp_path):
+    path = tmp_path / "emb.parquet"
+    write_parquet(pl.DataFrame({"user_idx": [1, 2], "vector": [[1.0, 2.0], [3.0]]}), path)
+    with pytest.raises(ArtifactError, match="emb.parquet.*'vector'.*different lengths"):
+        read_vectors(path, "user_idx")
+    write_parquet(pl.DataFrame({"user_idx": [1], "vec": [[1.0]]}), path)
+    with pytest.raises(ArtifactError, match="emb.parquet.*missing column 'vector'"):
+        read_vectors(path, "user_idx")
+
+
+# -- factories, search parameters, tuning in the stage, GPU options ------------------------
+def clustered(n, dim=16, clusters=20, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_user_embeddings(run: RunDir, vecs):
+    df = pl.DataFrame(
+        {"user_idx": np.arange(1, len(vecs) + 1), "vector": vecs.tolist()},
+        schema={"user_idx": pl.Int32, "vector": pl.List(pl.Float32)},
+    )
+    write_parquet(df, run.path(USER_EMBEDDINGS))
+
+
+def tuned_run(tmp_path, n_items=2000, n_users=300):
+    run = RunDir(tmp_path)
+    write_item_embeddings(run, clustered(n_items, seed=0), np.arange(1, n_items + 1))
+    write_user_embeddings(run, clustered(n_users, seed=1))
+    return run
+
+
+def test_auto_factory_by_catalogue_size():
+    assert auto_factory(1_000, 64) == "Flat"
+    assert auto_factory(99_999, 64) == "Flat"
+    assert auto_factory(100_000, 64) == "IVF1024,Flat"  # 4·sqrt(1e5) = 1265 -> 1024
+    assert auto_factory(1_000_000, 64) == "IVF4096,Flat"  # 4000 -> 4096
+    assert auto_factory(5_000_000, 64) == "IVF8192,PQ32x4fs,RFlat"  # 8944 -> 8192, m = d/2
+    assert auto_factory(5_000_000, 33) == "IVF8192,PQ33x4fs,RFlat"  # odd d: one dim per code
+    assert auto_nlist(1_000) == 16  # capped so k-means has >= 39 points per list
+    for n in (1_000, 100_000, 10**6, 10**7):
+        assert 39 * auto_nlist(n) <= n
+    for factory, d in (("IVF16,PQ32x4fs,RFlat", 64), ("IVF16,PQ33x4fs,RFlat", 33)):
+        built = build_index(clustered(1000, dim=d), np.arange(1000), factory, gpu="never")
+        assert tuning.tunable_param(built) == "nprobe"  # faiss builds what auto names
+
+
+def test_stage_auto_picks_flat_for_a_small_catalogue(tmp_path):
+    run = tuned_run(tmp_path, n_items=500, n_users=50)
+    rec = build_index_stage(IndexConfig(), run)  # factory: auto
+    meta = read_json(run.path(INDEX_META))
+    assert meta["factory"] == "Flat" and meta["factory_config"] == "auto"
+    assert meta["tune"]["queries"] == "users" and meta["tune"]["n_queries"] == 50
+    assert rec.metrics["ann_recall@20"] == 1.0
+    index = load_index(run.path(INDEX), meta=meta)
+    assert isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+
+
+@pytest.mark.parametrize(
+    ("factory", "param", "key"),
+    [("IVF32,Flat", "nprobe", "nprobe"), ("HNSW8", "efSearch", "ef_search")],
+)
+def test_stage_tunes_to_the_cheapest_setting_and_saves_it(tmp_path, factory, param, key):
+    run = tuned_run(tmp_path)
+    cfg = IndexConfig(factory=factory, tune_k=10, tune_queries=200, target_recall=0.95)
+    rec = build_index_stage(cfg, run)
+    sweep = read_json(run.path(INDEX_SWEEP))
+    tuning.check_sweep(sweep)  # exactly the documented keys
+    assert (sweep["k"], sweep["target"], sweep["metric"]) == (10, 0.95, "ip")
+    assert (sweep["n_items"], sweep["n_queries"], sweep["factory"]) == (2000, 200, factory)
+    assert sweep["param"] == param and sweep["build_seconds"] > 0
+    rows = sweep["rows"]
+    chosen = sweep["chosen"]
+    assert chosen == min(r["value"] for r in rows if r["ann_recall"] >= 0.95)
+    earlier = [r for r in rows if r["value"] < chosen]
+    assert all(r["ann_recall"] < 0.95 for r in earlier)
+    meta = read_json(run.path(INDEX_META))
+    assert meta[key] == chosen and meta["tune"]["chosen"] == chosen
+    assert meta["tune"]["met_target"] and not meta["tune"]["fixed"]
+    assert rec.metrics["ann_recall@10"] >= 0.95
+    # the saved index searches at the chosen setting: recall vs brute force on the same queries
+    index = load_index(run.path(INDEX), meta=meta)
+    assert tuning.get_param(index, param) == chosen
+    queries, _ = index_module.tuning_queries(run, 200, 16, np.zeros((0, 16), np.float32))
+    items = clustered(2000, seed=0)
+    exact = tuning.exact_topk(items, np.arange(1, 2001), queries, 10)
+    _, found = index.search(queries, 10)
+    assert tuning.ann_recall(found, exact, 10) >= 0.95
+    table = run.path(INDEX_SWEEP_TABLE).read_text()
+    assert f"| **{chosen}** |" in table and f"`{factory}`" in table
+    assert run.path(INDEX_SWEEP_PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_fixed_setting_wins_and_tune_false_drops_stale_sweep(tmp_path):
+    run = tuned_run(tmp_path)
+    build_index_stage(IndexConfig(factory="HNSW8", ef_search=40, tune_queries=100), run)
+    meta = read_json(run.path(INDEX_META))
+    assert meta["ef_search"] == 40 and meta["tune"]["fixed"]
+    assert read_json(run.path(INDEX_SWEEP))["chosen"] == 40
+    rec = build_index_stage(IndexConfig(factory="IVF16,Flat", tune=False), run)
+    assert not any(run.path(p).exists() for p in (INDEX_SWEEP, INDEX_SWEEP_TABLE, INDEX_SWEEP_PLOT))
+    meta = read_json(run.path(INDEX_META))
+    assert meta["tune"] is None and meta["nprobe"] == 1  # faiss' default, recorded as is
+    assert "sweep" not in rec.outputs and "ann_recall@20" not in rec.metrics
+
+
+def test_set_search_params_ef_search_and_refine(tmp_path):
+    vecs, ids = data()
+    hnsw = build_index(vecs, ids, "HNSW8", "ip")
+    set_search_params(hnsw, ef_search=50)
+    assert faiss.downcast_index(hnsw.index).hnsw.efSearch == 50
+    refine = build_index(vecs, ids, "IVF8,PQ4x4fs,RFlat", "ip")
+    set_search_params(refine, nprobe=3, k_factor=8)
+    assert tuning.get_param(refine, "k_factor_rf") == 8.0
+    assert faiss.extract_index_ivf(refine).nprobe == 3
+    for index, name in ((hnsw, "hnsw"), (refine, "refine")):  # faiss keeps them in the file
+        save_index(index, tmp_path / f"{name}.faiss")
+        loaded = load_index(tmp_path / f"{name}.faiss")
+        for p in ("nprobe", "efSearch", "k_factor_rf"):
+            assert tuning.get_param(loaded, p) == tuning.get_param(index, p)
+    ivf = build_index(vecs, ids, "IVF8,Flat", "ip")
+    with pytest.raises(ValueError, match="not an HNSW index; drop index.ef_search"):
+        set_search_params(ivf, ef_search=10)
+    with pytest.raises(ValueError, match="not a refine index; drop index.refine_k_factor"):
+        set_search_params(ivf, k_factor=4)
+    with pytest.raises(ValueError, match="ef_search must be >= 1"):
+        set_search_params(hnsw, ef_search=0)
+
+
+def test_load_index_applies_meta_and_names_the_file_on_mismatch(tmp_path):
+    vecs, ids = data()
+    path = tmp_path / "items.faiss"
+    save_index(build_index(vecs, ids, "IVF8,Flat", "ip"), path)
+    assert faiss.extract_index_ivf(load_index(path, meta={"nprobe": 5})).nprobe == 5
+    with pytest.raises(ArtifactError, match="items.faiss: the index does not match its meta"):
+        load_index(path, meta={"ef_search": 10})
+
+
+def test_bad_factory_or_option_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'index.factory'.*cannot parse"):
+        load_config(None, ["index.factory=IVF8,Flt"])
+    with pytest.raises(ConfigError, match="'index.gpu_mode'"):
+        load_config(None, ["index.gpu_mode=mirror"])
+    with pytest.raises(ConfigError, match="'index.target_recall'"):
+        load_config(None, ["index.target_recall=1.5"])
+    run = RunDir(tmp_path)
+    vecs, _ = data(n=200)
+    write_item_embeddings(run, vecs, np.arange(1, 201), normalized=False)
+    with pytest.raises(FactoryError, match="index.factory='IVF1024,Flat'.*cannot train"):
+        build_index_stage(IndexConfig(factory="IVF1024,Flat"), run)  # 200 points, 1024 lists
+    with pytest.raises(FactoryError, match="index.factory='IVF8,PQ3'.*multiple"):
+        build_index_stage(IndexConfig(factory="IVF8,PQ3"), run)  # 3 does not divide dim 8
+    with pytest.raises(ValueError, match="index.ef_search"):
+        build_index_stage(IndexConfig(factory="IVF8,Flat", ef_search=16), run)
+    with pytest.raises(ValueError, match="index.refine_k_factor"):
+        build_index_stage(IndexConfig(factory="Flat", refine_k_factor=4), run)
+    with pytest.raises(ValueError, match="index.gpu_mode"):
+        build_index(vecs, np.arange(200), gpu_mode="mirror")
+    assert not run.path(INDEX).exists()
+
+
+def test_build_index_stage_refuses_l2_for_an_unnormalised_dot_product_model(tmp_path):
+    run = RunDir(tmp_path)
+    vecs, _ = data(n=20)
+    write_item_embeddings(run, vecs, np.arange(1, 21), normalized=False, metric="ip")
+    with pytest.raises(ValueError, match="trained with inner product but index.metric is l2"):
+        build_index_stage(IndexConfig(metric="l2"), run)
+    assert not run.path(INDEX).exists()
+
+
+# -- GPU: nothing GPU-only runs here; the no-GPU path and the CPU fallback do ---------------
+def test_no_gpu_keeps_the_index_on_cpu():
+    assert index_module.num_gpus() == 0  # faiss-cpu
+    vecs, ids = data()
+    index = build_index(vecs, ids, "IVF8,Flat", gpu="auto", gpu_mode="shard", gpu_fp16=True)
+    assert not index_module.is_gpu_index(index)
+    _, found = index.search(vecs[:3], 1)
+    assert found.shape == (3, 1)
+
+
+def test_gpu_move_failure_falls_back_to_cpu(monkeypatch):
+    monkeypatch.setattr(index_module, "num_gpus", lambda: 2)
+
+    def no_cuda(*args, **kwargs):
+        raise RuntimeError("CUDA unavailable")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_cuda)
+    vecs, ids = data()
+    with pytest.warns(UserWarning) as caught:
+        index = build_index(vecs, ids, "IVF8,Flat", "l2", gpu="auto")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "IVF trained on CPU" in messages and "index kept on CPU" in messages
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = ivf.nlist
+    _, found = index.search(vecs, 1)
+    np.testing.assert_array_equal(found[:, 0], ids)  # a working CPU index
+
+
+@pytest.mark.parametrize(("mode", "fp16"), [("replicate", False), ("shard", True)])
+def test_gpu_options_reach_the_cloner_and_search_params_carry_over(monkeypatch, mode, fp16):
+    monkeypatch.setattr(index_module, "num_gpus", lambda: 2)
+
+    class Options:  # stands in for faiss.GpuMultipleClonerOptions (absent in faiss-cpu)
+        shard = False
+        useFloat16 = False
+
+    calls = []
+
+    def fake_clone(index, co=None, ngpu=-1):
+        calls.append((type(index).__name__, co))
+        return index  # "moved": the same CPU index
+
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", Options, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", fake_clone)
+    vecs, ids = data()
+    index = build_index(vecs, ids, "IVF8,Flat", gpu="auto", gpu_mode=mode, gpu_fp16=fp16)
+    assert calls[0][0] == "IndexFlat"  # k-means ran against the "GPU" flat index
+    moved = [co for name, co in calls if co is not None]
+    assert len(moved) == 1 and moved[0].shard == (mode == "shard") and moved[0].useFloat16 == fp16
+    assert faiss.extract_index_ivf(index).clustering_index is None
+    faiss.extract_index_ivf(index).nprobe = 6
+    calls.clear()
+    moved_index, on_gpu = index_module._to_gpu(index, "auto", mode, fp16)
+    assert on_gpu and faiss.extract_index_ivf(moved_index).nprobe == 6
