@@ -29,17 +29,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.core.rundir import RunDir  # noqa: E402
 from pipeline.retrieval import tuning  # noqa: E402
+from pipeline.retrieval.embeddings import read_item_embeddings  # noqa: E402
 from pipeline.retrieval.index import (  # noqa: E402
-    DEFAULT_K_FACTOR,
     auto_nlist,
     build_index,
     is_gpu_index,
-    read_item_embeddings,
     set_search_params,
-    tuning_queries,
 )
-from pipeline.core.rundir import RunDir  # noqa: E402
+from pipeline.stages.index import DEFAULT_K_FACTOR, tuning_queries  # noqa: E402
 
 
 def unit_centres(clusters: int, dim: int, rng: np.random.Generator) -> np.ndarray:

@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.training.batches import load_feature_tensors, load_pairs  # noqa: E402
-from pipeline.evaluation.metrics import recall_ndcg, topk_exact  # noqa: E402
 from pipeline.core.rundir import BEST_CHECKPOINT, RunDir  # noqa: E402
-from pipeline.stages.train import _validation_set, encode_items, encode_users, load_model  # noqa: E402
+from pipeline.evaluation.metrics import recall_ndcg, topk_exact  # noqa: E402
+from pipeline.training.batches import load_feature_tensors, load_pairs  # noqa: E402
+from pipeline.training.encoding import encode_items, encode_users, load_model  # noqa: E402
+from pipeline.training.loop import validation_set  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     if not model.config.item_audience:
         ft = ft.without_audience()
     tu, ti = load_pairs(run, ["train"])
-    val = _validation_set(run, tu, ti)
+    val = validation_set(run, tu, ti)
     if val is None:
         sys.exit(f"{run.root}: no validation split")
     items = encode_items(model, ft, "train").numpy()  # (n_items - 1, dim)

@@ -26,13 +26,13 @@ from pipeline.core.config import Config, load_config
 from pipeline.core.lock import pipeline_lock
 from pipeline.core.rundir import EVAL_REPORT, RunDir, StageRecord
 from pipeline.core.runner import (
-    STAGES,
     TrackingContext,
     default_run_dir,
     finish_tracking,
     init_run,
     run_stage,
 )
+from pipeline.core.stages import STAGES
 from pipeline.release.tracking import Tracker
 
 # retries for stages whose failures are mostly I/O (files, object stores)
@@ -41,10 +41,15 @@ RETRIES: dict[str, int] = {"ingest": 2, "export": 2}
 
 @task(cache_policy=NO_CACHE)
 def stage_task(
-    stage: str, cfg: Config, run: RunDir, tracking: TrackingContext, reuse: bool = True
+    stage: str,
+    cfg: Config,
+    run: RunDir,
+    tracking: TrackingContext,
+    reuse: bool = True,
+    **kwargs: object,
 ) -> StageRecord | State:
     """One pipeline stage as a Prefect task; a skipped stage ends in a "Skipped" state."""
-    rec = run_stage(stage, cfg, run, tracking, reuse=reuse)
+    rec = run_stage(stage, cfg, run, tracking, reuse=reuse, **kwargs)
     if rec.skipped:
         message = f"{stage} skipped: inputs unchanged (input hash {rec.input_hash[:12]})"
         get_run_logger().info(message)
@@ -52,18 +57,15 @@ def stage_task(
     return rec
 
 
-@task(cache_policy=NO_CACHE, name="gate")
-def gate_task(cfg: Config, run: RunDir, work: Path, reuse: bool = True) -> dict:
-    """The champion gate after export (``pipeline.release.gate``): register the bundle, promote it or
-    not, and show the decision as the markdown artifact "champion-gate"."""
-    from pipeline.release.gate import decision_markdown, run_gate  # lazily: MLflow registry, serving
+def _gate_artifact(run: RunDir) -> None:
+    """The champion gate's decision as the markdown artifact "champion-gate"."""
+    from pipeline.release.gate import decision_markdown, read_decision  # lazily: MLflow
 
-    decision = run_gate(cfg, run, workdir=work, reuse=reuse)
+    decision = read_decision(run)
     get_run_logger().info(f"gate: {decision.reason} (version {decision.version})")
     create_markdown_artifact(
         markdown=decision_markdown(decision), key="champion-gate", description=f"{run.root}"
     )
-    return decision.to_dict()
 
 
 @flow(name="retrain")
@@ -124,11 +126,14 @@ def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool) -> str:
     ok = False
     try:
         for stage in STAGES:
+            if not stage.enabled(cfg):
+                continue
+            options = {"workdir": work} if stage.tracks_itself else {}  # the gate's store
             stage_task.with_options(
-                name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=2
-            )(stage, cfg, run, ctx, reuse, return_state=True).result()
+                name=stage.name, retries=RETRIES.get(stage.name, 0), retry_delay_seconds=2
+            )(stage.name, cfg, run, ctx, reuse, return_state=True, **options).result()
         if cfg.registry.enabled:
-            gate_task(cfg, run, work, reuse)
+            _gate_artifact(run)
         ok = True
     finally:
         finish_tracking(ctx, run, ok)

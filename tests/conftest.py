@@ -27,12 +27,47 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 CONFIGS = ROOT / "configs"
 
 
+def in_ci() -> bool:
+    """True on CI (the CI environment variable set to a non-empty value, e.g. CI=true)."""
+    return bool(os.environ.get("CI", ""))
+
+
+def require_shared(path: str | Path) -> Path:
+    """``path`` (absolute, or relative to ../shared/data) when it is a directory.
+
+    Absent: the test is skipped on a developer machine and *fails* on CI, where a data set
+    that is not there means the run would silently test less than it claims.
+    """
+    full = SHARED_DATA / path  # an absolute ``path`` replaces SHARED_DATA
+    if full.is_dir():
+        return full
+    if in_ci():
+        pytest.fail(
+            f"shared data {full} is missing and CI is set ({os.environ['CI']!r}): CI must "
+            "provide ../shared/data; this test does not skip there",
+            pytrace=False,
+        )
+    pytest.skip(f"shared data {full} not found")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "shared_data(path): the test reads ../shared/data/<path> (or an absolute path); "
+        "skipped when absent, failed when absent on CI (CI set)",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.shared_data(path)``: see :func:`require_shared`."""
+    for marker in item.iter_markers("shared_data"):
+        require_shared(*marker.args)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data beside the project (tests skip when it is absent)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not found")
-    return SHARED_DATA
+    """../shared/data beside the project (skip when absent; fail on CI)."""
+    return require_shared(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ own section, so a stage's config hash changes only when something it reads chang
 
 from __future__ import annotations
 
-import hashlib
 import json
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -315,14 +315,23 @@ class Config(_Strict):
         return self
 
 
-def section_hash(cfg: BaseModel | dict[str, Any]) -> str:
-    """A short stable hash of a config section, or of a dict of sections.
+@dataclass(frozen=True)
+class TrainSpec:
+    """The part of the config the train stage reads: the model, loss, negatives and train
+    sections (the checkpoint records their hash, so a resume refuses changed values)."""
 
-    Used to detect that a stage's inputs changed between runs.
-    """
-    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    model: ModelConfig
+    loss: LossConfig
+    negatives: NegativesConfig
+    train: TrainConfig
+
+    @classmethod
+    def of(cls, cfg: Config) -> TrainSpec:
+        return cls(cfg.model, cfg.loss, cfg.negatives, cfg.train)
+
+    @staticmethod
+    def sections() -> tuple[str, ...]:
+        return tuple(f.name for f in fields(TrainSpec))
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -8,7 +8,6 @@ crash never leaves a half-written artifact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -45,7 +44,6 @@ ITEM_EMBEDDINGS = "embeddings/items.parquet"
 USER_EMBEDDINGS = "embeddings/users.parquet"
 EMBED_META = "embeddings/meta.json"
 INDEX = "index/items.faiss"
-INDEX_IDS = "index/ids.parquet"
 INDEX_META = "index/meta.json"
 INDEX_SWEEP = "index/sweep.json"  # ANN tuning sweep (pipeline.retrieval.tuning.SWEEP_KEYS)
 INDEX_SWEEP_TABLE = "index/sweep.md"
@@ -58,6 +56,7 @@ EVAL_PLOT_BREAKDOWN = "eval/breakdown.png"  # recall by user activity / item pop
 EVAL_PLOT_ANN = "eval/ann_sweep.png"  # ANN recall vs latency, from INDEX_SWEEP when present
 EVAL_PLOT_MAP = "eval/item_map.png"  # 2-D UMAP map of item embeddings (eval.umap)
 EXPORT_DIR = "export"
+GATE_DECISION = "gate/decision.json"  # the champion gate's decision (pipeline.release.gate)
 MANIFEST = "manifest.json"
 
 
@@ -66,12 +65,12 @@ class StageRecord:
     """What a stage reports: its outputs, their sizes, its config hash and its figures."""
 
     stage: str
-    config_hash: str
+    config_hash: str = ""  # hash of the config sections the stage read (set by the runner)
     outputs: dict[str, str] = field(default_factory=dict)  # name -> path relative to the run
     rows: dict[str, int] = field(default_factory=dict)  # name -> row count
     metrics: dict[str, float] = field(default_factory=dict)  # name -> value
-    seconds: float = 0.0  # wall time of the stage
-    peak_rss_mb: float = 0.0  # peak resident memory of the process at the end of the stage
+    seconds: float = 0.0  # wall time of the stage (set by the runner)
+    peak_rss_mb: float = 0.0  # peak resident memory of the process after the stage (runner)
     finished_at: float = field(default_factory=time.time)
     input_hash: str = ""  # config sections + upstream output hashes + raw inputs (runner)
     output_hash: str = ""  # sha256 over the output files; "" = not hashed
@@ -119,15 +118,6 @@ def write_text(text: str, path: Path) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (files may be larger than memory)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_with(path: Path, writer: Callable[[Path], None]) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation.metrics import UserItems, bucket_recall, recall_ndcg
 from pipeline.core.rundir import ITEM_FEATURES, RunDir, read_parquet
 from pipeline.core.schemas import ITEM_FEATURES_KINDS
+from pipeline.evaluation.metrics import UserItems, bucket_recall, recall_ndcg
 
 __all__ = [
     "ITEM_BUCKETS",

@@ -25,13 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation.breakdown import (
-    ITEM_BUCKETS,
-    USER_BUCKETS,
-    popularity_buckets,
-    popularity_thresholds,
-    read_popularity,
-)
 from pipeline.core.config import EvalConfig
 from pipeline.core.rundir import (
     EVAL_HTML,
@@ -47,6 +40,13 @@ from pipeline.core.rundir import (
     read_json,
     write_text,
     write_with,
+)
+from pipeline.evaluation.breakdown import (
+    ITEM_BUCKETS,
+    USER_BUCKETS,
+    popularity_buckets,
+    popularity_thresholds,
+    read_popularity,
 )
 
 __all__ = [
@@ -524,7 +524,7 @@ def plot_map(coords: np.ndarray, buckets: np.ndarray, path: Path) -> None:
 
 def _item_map(cfg: EvalConfig, run: RunDir, summary: dict[str, Any], path: Path) -> None:
     from pipeline.evaluation.embedding_health import umap_2d
-    from pipeline.retrieval.index import read_item_embeddings
+    from pipeline.retrieval.embeddings import read_item_embeddings
 
     ids, vecs, _ = read_item_embeddings(run)
     _, pop_train = read_popularity(run, ids)

@@ -48,8 +48,24 @@ import numpy as np
 import polars as pl
 
 from pipeline.core.config import Config, TrackingConfig
-from pipeline.stages.evaluate import user_sets
+from pipeline.core.rundir import (
+    EVAL_SUMMARY,
+    EVENTS,
+    GATE_DECISION,
+    ITEM_VOCAB,
+    RAW_USERS,
+    USER_VOCAB,
+    ArtifactError,
+    RunDir,
+    StageRecord,
+    read_json,
+    read_parquet,
+    scan_parquet,
+    write_json,
+)
+from pipeline.core.schemas import EVENTS_KINDS, ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
 from pipeline.evaluation.metrics import UserItems, per_user_recall_ndcg, topk_index
+from pipeline.evaluation.truth import user_sets
 from pipeline.release.registry import (
     alias_bundle,
     ensure_experiment,
@@ -58,24 +74,10 @@ from pipeline.release.registry import (
     set_version_tags,
     version_exists,
 )
-from pipeline.core.rundir import (
-    EVAL_SUMMARY,
-    EVENTS,
-    ITEM_VOCAB,
-    RAW_USERS,
-    USER_VOCAB,
-    ArtifactError,
-    RunDir,
-    read_json,
-    read_parquet,
-    scan_parquet,
-    write_json,
-)
-from pipeline.core.schemas import EVENTS_KINDS, ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
-from pipeline.serving.retriever import MANIFEST_FILE, Retriever, sha256
 from pipeline.release.tracking import Tracker, resolve_uri
+from pipeline.core.hashing import sha256
+from pipeline.serving.retriever import MANIFEST_FILE, Retriever
 
-GATE_DECISION = "gate/decision.json"  # the decision, in the run directory
 ENCODE_BATCH = 8192  # known users encoded per user-tower call
 
 
@@ -136,7 +138,7 @@ class EvalSplit:
 
 def eval_split(run: RunDir) -> EvalSplit:
     """The evaluation split of a finished run: users with a test event, truth and exclusion
-    exactly as the evaluate stage builds them (:func:`pipeline.stages.evaluate.user_sets`)."""
+    exactly as the evaluate stage builds them (:func:`pipeline.evaluation.truth.user_sets`)."""
     events = (
         scan_parquet(run.path(EVENTS), EVENTS_KINDS)
         .select(
@@ -288,7 +290,6 @@ class GateDecision:
     tracking_uri: str
     offline: float | None = None  # the evaluate stage's index figure, for reference
     bundle_sha256: str = ""  # sha256 of the bundle's manifest.json: which bundle was gated
-    reused: bool = False  # True: an earlier decision for this very bundle, not re-decided
     decided_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property
@@ -399,27 +400,49 @@ def _offline(run: RunDir, metric: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _previous(run: RunDir, cfg: Config, uri: str, bundle: Path, digest: str) -> GateDecision | None:
-    """The run's earlier decision if it was about this very bundle, with the same registry,
-    model name, alias, metric and tolerance, and its version is still registered."""
-    path = run.path(GATE_DECISION)
-    if not path.is_file():
-        return None
+def decision_still_valid(
+    cfg: Config,
+    run: RunDir,
+    record: dict[str, Any],
+    tracking_uri: str | None = None,
+    workdir: str | Path | None = None,
+    **_: Any,
+) -> bool:
+    """Whether the run's earlier decision may be reused (the runner's extra skip condition;
+    the bundle and the registry settings are already in the gate's input hash): it was
+    made on the same store and its version is still registered."""
     try:
-        old = GateDecision(**{**read_json(path), "reused": True})
+        old = GateDecision(**read_json(run.path(GATE_DECISION)))
     except (TypeError, ValueError):
-        return None  # an older or foreign format: decide again
-    reg = cfg.registry
-    same = (
-        old.bundle_sha256 == digest
-        and old.bundle == str(bundle.resolve())
-        and old.tracking_uri == uri
-        and (old.model_name, old.alias, old.metric) == (reg.model_name, reg.alias, reg.metric)
-        and old.tolerance == reg.tolerance
+        return False  # an older or foreign format: decide again
+    uri = tracking_uri or gate_tracking_uri(cfg, run, workdir)
+    return old.tracking_uri == uri and version_exists(cfg.registry.model_name, old.version, uri)
+
+
+def gate_stage(
+    cfg: Config,
+    run: RunDir,
+    tracking_uri: str | None = None,
+    workdir: str | Path | None = None,
+    backend: str = "auto",
+) -> StageRecord:
+    """The gate as a stage of the table (``pipeline.core.stages``): :func:`run_gate`, its
+    decision file as the output and its figures as the record's metrics."""
+    d = run_gate(cfg, run, tracking_uri, workdir, backend)
+    metrics = {"new": d.new, "promoted": float(d.promoted), "version": float(d.version)}
+    if d.champion is not None:
+        metrics["champion"] = d.champion
+    return StageRecord(
+        stage="gate",
+        outputs={"decision": GATE_DECISION},
+        rows={"users": d.n_users},
+        metrics=metrics,
     )
-    if not same or not version_exists(reg.model_name, old.version, uri):
-        return None
-    return old
+
+
+def read_decision(run: RunDir) -> GateDecision:
+    """The decision the run's gate stage wrote."""
+    return GateDecision(**read_json(run.path(GATE_DECISION)))
 
 
 def run_gate(
@@ -428,16 +451,13 @@ def run_gate(
     tracking_uri: str | None = None,
     workdir: str | Path | None = None,
     backend: str = "auto",
-    reuse: bool = True,
 ) -> GateDecision:
     """Score, register, promote or not, and record the decision (module docstring).
 
     ``tracking_uri`` None = :func:`gate_tracking_uri`. Runs whatever ``registry.enabled``
-    says (the flow checks it). Each decision registers one new version, except that with
-    ``reuse`` a run whose ``gate/decision.json`` is about the same bundle (manifest sha256),
-    store, model, alias, metric and tolerance, with its version still registered, returns that
-    decision (``reused=True``) instead of registering the same bundle again: a re-run flow
-    whose stages were all skipped does not add a version.
+    says (the stage table checks it). Each call registers one new version; reusing an earlier
+    decision for the same bundle is the runner's skip (:func:`decision_still_valid`), so a
+    re-run flow whose stages were all skipped does not add a version.
     """
     reg = cfg.registry
     _, k = parse_metric(reg.metric)
@@ -446,11 +466,6 @@ def run_gate(
     digest = sha256(bundle / MANIFEST_FILE)
     parent = run.manifest().get("mlflow", {}).get("parent_run_id", "")  # "" if tracking off
     tracker = _tracker(cfg, uri, Path(workdir) if workdir else run.root.parent)
-    if reuse:
-        previous = _previous(run, cfg, uri, bundle, digest)
-        if previous is not None:  # on this pipeline run's MLflow run too, registering nothing
-            _log_decision(tracker, [parent], previous, run.path(GATE_DECISION))
-            return previous
     split = eval_split(run)
     with tempfile.TemporaryDirectory(prefix="twotower-champion-") as tmp:
         found = alias_bundle(reg.model_name, reg.alias, uri, dest=tmp)
@@ -554,7 +569,6 @@ def _log_decision(tracker: Tracker, run_ids: list[str], d: GateDecision, path: P
 
 
 __all__ = [
-    "GATE_DECISION",
     "CHAMPION",
     "BundleScore",
     "EvalSplit",
@@ -564,7 +578,10 @@ __all__ = [
     "decide",
     "decision_markdown",
     "eval_split",
+    "gate_stage",
     "gate_tracking_uri",
+    "decision_still_valid",
+    "read_decision",
     "parse_metric",
     "resolve_champion",
     "run_gate",

@@ -1,15 +1,11 @@
-"""The ``index`` stage: a FAISS index over every item embedding, keyed by our item ids.
-
-Plain functions over arrays (faiss ``contrib`` style) plus one stage function:
+"""FAISS indexes over item vectors, keyed by our item ids: plain functions over arrays
+(faiss ``contrib`` style); the stage that uses them is :mod:`pipeline.stages.index`.
 
 * :func:`auto_factory` / :func:`resolve_factory` — ``index.factory: auto`` by catalogue size;
 * :func:`build_index` — ``faiss.index_factory`` + train + add with our ids (+ GPUs when present);
 * :func:`save_index` / :func:`load_index` — atomic write, load with an error naming the file;
 * :func:`check_metric` — training, index and evaluation must agree on the metric (DESIGN.md);
 * :func:`set_search_params` — IVF ``nprobe``, HNSW ``efSearch``, refine ``k_factor``;
-* :func:`read_vectors` — an embeddings parquet (id column + ``vector`` list column) as arrays;
-* :func:`build_index_stage` — ITEM_EMBEDDINGS (+ USER_EMBEDDINGS as tuning queries) +
-  EMBED_META -> INDEX + INDEX_META (+ INDEX_SWEEP json / markdown / PNG when tuning).
 
 Index families are ``faiss.index_factory`` strings: exact ``Flat``; ``IVF{n},Flat``;
 ``IVF{n},PQ{m}x4fs,RFlat`` (fast-scan PQ, exact re-ranking of ``k_factor * k`` candidates);
@@ -26,36 +22,18 @@ The same code runs with ``faiss-cpu`` and ``faiss-gpu``: every GPU symbol is loo
 
 from __future__ import annotations
 
-import resource
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
 
-from pipeline.retrieval import tuning
-from pipeline.core.config import IndexConfig, section_hash
 from pipeline.core.rundir import (
-    EMBED_META,
-    INDEX,
-    INDEX_META,
-    INDEX_SWEEP,
-    INDEX_SWEEP_PLOT,
-    INDEX_SWEEP_TABLE,
-    ITEM_EMBEDDINGS,
-    USER_EMBEDDINGS,
     ArtifactError,
-    RunDir,
-    StageRecord,
-    read_json,
-    read_parquet,
-    write_json,
-    write_text,
     write_with,
 )
+from pipeline.retrieval import tuning
 
 METRICS: dict[str, int] = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _METRIC_NAMES = {"ip": "inner product", "l2": "L2 distance"}
@@ -392,223 +370,3 @@ def set_search_params(
                 f"{kind}; drop index.{key} or use {fix}"
             )
         tuning.set_param(index, param, value)
-
-
-# -- reading embeddings -------------------------------------------------------------------
-def read_vectors(path: Path, id_col: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read an embeddings parquet: (ids (N,) int64, vectors (N, D) float32).
-
-    The file must hold ``id_col`` (integers) and ``vector`` (list or fixed-size list of
-    floats, all of one length, equal to ``dim`` when given). Errors name the file and column.
-    """
-    df = read_parquet(path, {id_col: "int", "vector": "list[float]"})
-    ids = df.get_column(id_col).to_numpy().astype(np.int64, copy=False)
-    col = df.get_column("vector").to_arrow()
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    n = len(col)
-    if col.null_count:
-        raise ArtifactError(f"{path}: column 'vector' has {col.null_count} null rows")
-    if pa.types.is_fixed_size_list(col.type):
-        width = col.type.list_size
-    else:
-        offsets = col.offsets.to_numpy()
-        lengths = np.diff(offsets)
-        if n and (lengths != lengths[0]).any():
-            raise ArtifactError(f"{path}: column 'vector' has rows of different lengths")
-        width = int(lengths[0]) if n else (dim or 0)
-    values = col.flatten().to_numpy(zero_copy_only=False)
-    if values.size and np.isnan(values).any():
-        raise ArtifactError(f"{path}: column 'vector' holds NaN values")
-    vecs = np.ascontiguousarray(values, dtype=np.float32).reshape(n, width)  # (N, D)
-    if dim is not None and n and width != dim:
-        raise ArtifactError(f"{path}: column 'vector' has length {width}, meta says dim={dim}")
-    if not np.isfinite(vecs).all():
-        raise ArtifactError(f"{path}: column 'vector' holds non-finite values")
-    return ids, vecs
-
-
-def read_embed_meta(path: Path) -> dict[str, Any]:
-    """EMBED_META: {"dim": int, "normalized": bool, "metric": "ip"|"l2"}, checked."""
-    meta = read_json(path)
-    for key in ("dim", "normalized", "metric"):
-        if key not in meta:
-            raise ArtifactError(f"{path}: missing key '{key}'")
-    if meta["metric"] not in METRICS:
-        raise ArtifactError(f"{path}: 'metric' is {meta['metric']!r}, expected 'ip' or 'l2'")
-    return meta
-
-
-def check_normalized(vecs: np.ndarray, normalized: bool, path: Path, tol: float = 1e-3) -> None:
-    """When the meta says the vectors are L2-normalised, check it (cosine needs it)."""
-    if normalized and len(vecs):
-        norms = np.linalg.norm(vecs, axis=1)
-        worst = float(np.abs(norms - 1.0).max())
-        if worst > tol:
-            raise ArtifactError(
-                f"{path}: meta says normalized=true but vector norms deviate from 1 by {worst:.3g}"
-            )
-
-
-def read_item_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """ITEM_EMBEDDINGS without the out-of-vocabulary row 0 (never indexed) + checked meta."""
-    meta = read_embed_meta(run.path(EMBED_META))
-    path = run.path(ITEM_EMBEDDINGS)
-    ids, vecs = read_vectors(path, "item_idx", int(meta["dim"]))
-    keep = ids != 0
-    ids, vecs = ids[keep], vecs[keep]
-    if ids.size and (ids.min() < 0 or np.unique(ids).size != ids.size):
-        raise ArtifactError(f"{path}: column 'item_idx' must hold unique non-negative ids")
-    check_normalized(vecs, bool(meta["normalized"]), path)
-    return ids, vecs, meta
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
-
-
-# -- the stage ------------------------------------------------------------------------------
-# Refine indexes ("...,RFlat"): exactly re-rank 16k PQ candidates (faiss' own default is 1,
-# which only re-orders the PQ top-k). 16k exact dot products per query are cheap next to the
-# list scan, and 4-bit PQ ranks coarsely: on clustered 32-d data 4k candidates gave 0.40
-# ANN recall@20, 16k gave 0.95.
-DEFAULT_K_FACTOR = 16.0
-_SWEEP_FILES = (INDEX_SWEEP, INDEX_SWEEP_TABLE, INDEX_SWEEP_PLOT)
-
-
-def tuning_queries(
-    run: RunDir, n: int, dim: int, item_vecs: np.ndarray, seed: int = 0
-) -> tuple[np.ndarray, str]:
-    """(Q, D) query vectors for tuning and where they come from ("users" or "items").
-
-    A uniform sample (seeded) of up to ``n`` USER_EMBEDDINGS rows: the queries the index will
-    really answer. Without user embeddings (an index built from items alone) the item vectors
-    stand in, with a warning: item-to-item queries find themselves, so recall looks better.
-    """
-    path = run.path(USER_EMBEDDINGS)
-    vecs, source = item_vecs, "items"
-    if path.is_file():
-        _, users = read_vectors(path, "user_idx", dim)
-        if len(users):
-            vecs, source = users, "users"
-    if source == "items":
-        warnings.warn(f"{path}: no user vectors; tuning on item vectors as queries", stacklevel=2)
-    take = np.random.default_rng(seed).choice(len(vecs), size=min(n, len(vecs)), replace=False)
-    return np.ascontiguousarray(vecs[np.sort(take)], dtype=np.float32), source
-
-
-def _write_sweep(run: RunDir, doc: dict[str, Any]) -> None:
-    """INDEX_SWEEP (json), INDEX_SWEEP_TABLE (markdown) and INDEX_SWEEP_PLOT (png), atomically."""
-    tuning.check_sweep(doc, run.path(INDEX_SWEEP))
-    write_json(doc, run.path(INDEX_SWEEP))
-    write_text(tuning.sweep_table(doc), run.path(INDEX_SWEEP_TABLE))
-    write_with(run.path(INDEX_SWEEP_PLOT), lambda tmp: tuning.plot_sweep(doc, tmp))
-
-
-def build_index_stage(cfg: IndexConfig, run: RunDir) -> StageRecord:
-    """ITEM_EMBEDDINGS + EMBED_META (+ USER_EMBEDDINGS) -> INDEX + INDEX_META (+ sweep).
-
-    Refuses a metric that disagrees with training (:func:`check_metric`). Builds
-    ``cfg.factory`` ("auto": by catalogue size), applies the configured search parameters,
-    and with ``cfg.tune`` sweeps nprobe / efSearch against exact search on sampled user
-    vectors and applies the cheapest setting reaching ``cfg.target_recall`` (INDEX_SWEEP,
-    INDEX_SWEEP_TABLE, INDEX_SWEEP_PLOT). The setting is saved in the index file and in
-    INDEX_META, so evaluation and serving search the index the same way.
-    """
-    t0 = time.perf_counter()
-    ids, vecs, meta = read_item_embeddings(run)
-    check_metric(bool(meta["normalized"]), meta["metric"], cfg.metric)
-    if ids.size == 0:
-        raise ArtifactError(f"{run.path(ITEM_EMBEDDINGS)}: no item rows to index")
-    factory = resolve_factory(cfg.factory, int(ids.size), int(vecs.shape[1]))
-    tb = time.perf_counter()
-    try:
-        index = build_index(vecs, ids, factory, cfg.metric, cfg.gpu, cfg.gpu_mode, cfg.gpu_fp16)
-    except FactoryError as exc:
-        raise FactoryError(f"index.factory={cfg.factory!r}: {exc}") from None
-    build_seconds = time.perf_counter() - tb
-    k_factor = cfg.refine_k_factor
-    if k_factor is None and tuning.get_param(index, "k_factor_rf") is not None:
-        k_factor = DEFAULT_K_FACTOR
-    set_search_params(index, cfg.nprobe, cfg.ef_search, k_factor)  # errors name the key
-
-    metrics: dict[str, float] = {"build_seconds": build_seconds}
-    outputs = {"index": INDEX, "index_meta": INDEX_META}
-    tune_meta: dict[str, Any] | None = None
-    if cfg.tune:
-        tt = time.perf_counter()
-        queries, source = tuning_queries(run, cfg.tune_queries, int(vecs.shape[1]), vecs)
-        exact = tuning.exact_topk(vecs, ids, queries, cfg.tune_k, cfg.metric)  # (Q, k)
-        param = tuning.tunable_param(index)
-        fixed = {"nprobe": cfg.nprobe, "efSearch": cfg.ef_search}.get(param or "")
-        param, chosen, rows, at = tuning.tune(
-            index, queries, exact, cfg.tune_k, cfg.target_recall, fixed
-        )
-        doc = {
-            "k": cfg.tune_k,
-            "target": cfg.target_recall,
-            "metric": cfg.metric,
-            "n_items": int(index.ntotal),
-            "n_queries": int(len(queries)),
-            "factory": factory,
-            "param": param,
-            "chosen": chosen,
-            "build_seconds": build_seconds,
-            "rows": rows,
-        }
-        _write_sweep(run, doc)
-        outputs.update(
-            sweep=INDEX_SWEEP, sweep_table=INDEX_SWEEP_TABLE, sweep_plot=INDEX_SWEEP_PLOT
-        )
-        tune_meta = {
-            "param": param,
-            "chosen": chosen,
-            "fixed": fixed is not None,
-            "k": cfg.tune_k,
-            "target": cfg.target_recall,
-            "ann_recall": at["ann_recall"],
-            "met_target": bool(at["ann_recall"] >= cfg.target_recall),
-            "ms_per_query": at["ms_per_query"],
-            "qps": at["qps"],
-            "n_queries": int(len(queries)),
-            "queries": source,
-        }
-        metrics.update(
-            {
-                "tune_seconds": time.perf_counter() - tt,
-                f"ann_recall@{cfg.tune_k}": at["ann_recall"],
-                "ms_per_query": at["ms_per_query"],
-                "qps": at["qps"],
-            }
-        )
-    else:
-        for rel in _SWEEP_FILES:  # a sweep left by an earlier build would describe another index
-            run.path(rel).unlink(missing_ok=True)
-    save_index(index, run.path(INDEX))
-    write_json(
-        {
-            "factory": factory,
-            "factory_config": cfg.factory,
-            "metric": cfg.metric,
-            "dim": int(vecs.shape[1]),
-            "ntotal": int(index.ntotal),
-            "normalized": bool(meta["normalized"]),
-            "nprobe": tuning.get_param(index, "nprobe"),
-            "ef_search": tuning.get_param(index, "efSearch"),
-            "refine_k_factor": tuning.get_param(index, "k_factor_rf"),
-            "gpu": is_gpu_index(index),
-            "gpu_mode": cfg.gpu_mode,
-            "gpu_fp16": cfg.gpu_fp16,
-            "tune": tune_meta,
-        },
-        run.path(INDEX_META),
-    )
-    return StageRecord(
-        stage="index",
-        config_hash=section_hash(cfg),
-        outputs=outputs,
-        rows={"items": int(index.ntotal)},
-        metrics=metrics,
-        seconds=time.perf_counter() - t0,
-        peak_rss_mb=_peak_rss_mb(),
-    )

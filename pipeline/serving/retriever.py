@@ -29,10 +29,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline.training.batches import padded
+from pipeline.core.hashing import sha256
 from pipeline.evaluation.metrics import UserItems, topk_index
 from pipeline.serving.onnx import input_names, onnx_session, run_onnx
-from pipeline.core.rundir import sha256
+from pipeline.serving.transforms import OOV, padded
 
 BUNDLE_FORMAT = 2  # 1: torch.export tower only; 2: + ONNX tower, request transforms
 MANIFEST_FILE = "manifest.json"
@@ -45,7 +45,6 @@ ONNX_FILE = "user_tower.onnx"  # the same tower as ONNX (optional: export.onnx=f
 MODEL_FILE = "model.pt"  # both towers' weights (optional, export.weights): for warm starts
 REQUIRED_FILES = (INDEX_FILE, ITEMS_FILE, USERS_FILE, META_FILE, TOWER_FILE)
 BACKENDS = ("auto", "torch", "onnx")
-OOV = 0  # the out-of-vocabulary row of the id tables, and the "missing" attribute code
 
 _FAISS_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 

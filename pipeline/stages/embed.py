@@ -8,13 +8,10 @@ tower.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.training.batches import load_feature_tensors, load_pairs
 from pipeline.core.rundir import (
     BEST_CHECKPOINT,
     EMBED_META,
@@ -25,7 +22,8 @@ from pipeline.core.rundir import (
     write_json,
     write_parquet,
 )
-from pipeline.stages.train import encode_items, encode_users, load_model
+from pipeline.training.batches import load_feature_tensors, load_pairs
+from pipeline.training.encoding import encode_items, encode_users, load_model
 
 
 def vectors_table(id_name: str, ids: np.ndarray, vecs: np.ndarray) -> pa.Table:
@@ -41,7 +39,6 @@ def vectors_table(id_name: str, ids: np.ndarray, vecs: np.ndarray) -> pa.Table:
 
 def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
     """Write item and test-user embeddings plus the metric/normalisation they were trained for."""
-    t0 = time.time()
     model, ckpt = load_model(run.path(BEST_CHECKPOINT))
     ft = load_feature_tensors(run)
     if not model.config.item_audience:
@@ -66,8 +63,6 @@ def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
     )
     return StageRecord(
         stage="embed",
-        config_hash="",
         outputs={"items": ITEM_EMBEDDINGS, "users": USER_EMBEDDINGS, "meta": EMBED_META},
         rows={"items": len(item_ids), "users": len(users)},
-        seconds=time.time() - t0,
     )

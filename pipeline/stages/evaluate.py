@@ -23,45 +23,13 @@ per-epoch validation in training).
 
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from pipeline.evaluation.baselines import interaction_matrix, item_knn_topk, item_similarity
-from pipeline.evaluation.breakdown import (
-    activity_buckets,
-    breakdown,
-    item_buckets_of,
-    popularity_buckets,
-    popularity_thresholds,
-    read_popularity,
-)
-from pipeline.core.config import EvalConfig, section_hash
-from pipeline.evaluation.embedding_health import embedding_health
-from pipeline.retrieval.index import (
-    check_metric,
-    load_index,
-    metric_name,
-    read_embed_meta,
-    read_item_embeddings,
-    read_vectors,
-    set_search_params,
-)
-from pipeline.evaluation.metrics import (
-    UserItems,
-    coverage,
-    evaluate_vectors,
-    popularity_bias,
-    popularity_topk,
-    ranking_metrics,
-    topk_exact,
-    topk_index,
-    topk_overlap,
-)
-from pipeline.evaluation.report import flat_metrics, write_report
+from pipeline.core.config import EvalConfig
 from pipeline.core.rundir import (
     EMBED_META,
     EVAL_SUMMARY,
@@ -74,49 +42,36 @@ from pipeline.core.rundir import (
     RunDir,
     StageRecord,
     read_json,
-    scan_parquet,
     write_json,
 )
-from pipeline.core.schemas import EVENTS_KINDS, SPLITS
+from pipeline.evaluation.baselines import interaction_matrix, item_knn_topk, item_similarity
+from pipeline.evaluation.breakdown import (
+    activity_buckets,
+    breakdown,
+    item_buckets_of,
+    popularity_buckets,
+    popularity_thresholds,
+    read_popularity,
+)
+from pipeline.evaluation.embedding_health import embedding_health
+from pipeline.evaluation.metrics import (
+    UserItems,
+    coverage,
+    popularity_bias,
+    popularity_topk,
+    ranking_metrics,
+    topk_exact,
+    topk_index,
+    topk_overlap,
+)
+from pipeline.evaluation.report import flat_metrics, write_report
+from pipeline.evaluation.truth import read_events, user_sets
+from pipeline.retrieval.embeddings import read_embed_meta, read_item_embeddings, read_vectors
+from pipeline.retrieval.index import check_metric, load_index, metric_name, set_search_params
 
-__all__ = ["SOURCES", "evaluate_stage", "evaluate_vectors", "user_sets"]
+__all__ = ["SOURCES", "evaluate_stage"]
 
-EVENTS_COLUMNS = {k: EVENTS_KINDS[k] for k in ("user_idx", "item_idx", "split")}
 SOURCES = ("index", "exact", "item_knn", "popularity")  # the rankings, model first
-
-
-def _read_events(run: RunDir, users: np.ndarray | None = None) -> pl.DataFrame:
-    """EVENTS (user_idx, item_idx as Int64, split), of ``users`` only when given; split checked."""
-    path = run.path(EVENTS)
-    lf = scan_parquet(path, EVENTS_COLUMNS).select(
-        pl.col("user_idx").cast(pl.Int64), pl.col("item_idx").cast(pl.Int64), "split"
-    )
-    if users is not None:
-        lf = lf.join(pl.LazyFrame({"user_idx": users.astype(np.int64)}), on="user_idx", how="semi")
-    ev = lf.collect()
-    bad = ev.filter(~pl.col("split").is_in(SPLITS))
-    if bad.height:
-        raise ArtifactError(
-            f"{path}: column 'split' holds {bad['split'][0]!r}, expected one of {SPLITS}"
-        )
-    return ev
-
-
-def user_sets(
-    run: RunDir, users: np.ndarray, events: pl.DataFrame | None = None
-) -> tuple[UserItems, UserItems]:
-    """(truth, exclude) over the rows of ``users``: their test items and train+valid items.
-
-    Known test items are de-duplicated; every unknown test event (item 0) is kept, since
-    distinct unknown items share id 0 (see :meth:`UserItems.from_pairs`). ``events`` (from
-    :func:`_read_events`) saves reading EVENTS again.
-    """
-    ev = _read_events(run, users) if events is None else events
-    test = ev.filter(pl.col("split") == "test")
-    seen = ev.filter(pl.col("split") != "test")
-    truth = UserItems.for_users(users, test["user_idx"].to_numpy(), test["item_idx"].to_numpy())
-    exclude = UserItems.for_users(users, seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy())
-    return truth, exclude
 
 
 def _list_metrics(
@@ -151,7 +106,6 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
 
     ``nprobe`` (IVF lists probed) overrides the one saved with the index; None keeps it.
     """
-    t_start = time.perf_counter()
     ks = sorted(set(cfg.ks))
     kmax = ks[-1]
 
@@ -181,7 +135,7 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
         )
     set_search_params(index, nprobe)
 
-    events = _read_events(run)
+    events = read_events(run)
     truth, exclude = user_sets(run, user_ids, events)
     has_test = truth.counts() > 0
     if not has_test.any():
@@ -293,12 +247,9 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
 
     return StageRecord(
         stage="evaluate",
-        config_hash=section_hash(cfg),
         outputs={"summary": EVAL_SUMMARY, **outputs},
         rows={"users": int(rows.size), "items": int(item_ids.size)},
         metrics={**_tracked_metrics(summary), "report_seconds": report_seconds},
-        seconds=time.perf_counter() - t_start,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     )
 
 

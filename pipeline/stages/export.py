@@ -37,8 +37,7 @@ import polars as pl
 import torch
 
 from pipeline.core.config import ExportConfig
-from pipeline.training.batches import FeatureTensors, load_feature_tensors
-from pipeline.serving.onnx import export_onnx, input_names, max_abs_diff, onnx_session
+from pipeline.core.hashing import sha256
 from pipeline.core.rundir import (
     BEST_CHECKPOINT,
     EMBED_META,
@@ -61,6 +60,7 @@ from pipeline.core.rundir import (
     write_parquet,
 )
 from pipeline.core.schemas import EVENTS_KINDS, ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
+from pipeline.serving.onnx import export_onnx, input_names, max_abs_diff, onnx_session
 from pipeline.serving.retriever import (
     BUNDLE_FORMAT,
     INDEX_FILE,
@@ -71,9 +71,9 @@ from pipeline.serving.retriever import (
     ONNX_FILE,
     TOWER_FILE,
     USERS_FILE,
-    sha256,
 )
-from pipeline.stages.train import load_model
+from pipeline.training.batches import FeatureTensors, load_feature_tensors
+from pipeline.training.encoding import load_model
 from towers import UserTower, UserTowerExport
 
 # index meta key -> faiss search parameter: copied into the manifest's index.search when set,
@@ -183,7 +183,6 @@ def _index_params(index_meta: dict[str, Any], index_path: Path) -> dict[str, Any
 
 def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
     """Assemble the serving bundle under ``export/<version>/`` (built aside, then renamed)."""
-    t0 = time.time()
     for rel in (INDEX, INDEX_META, EMBED_META, BEST_CHECKPOINT, USER_VOCAB, ITEM_VOCAB):
         if not run.path(rel).is_file():
             raise ArtifactError(
@@ -232,11 +231,9 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
         metrics["onnx_max_abs_diff"] = tower["onnx"]["max_abs_diff"]
     return StageRecord(
         stage="export",
-        config_hash="",
         outputs={"bundle": f"{EXPORT_DIR}/{version}"},
         rows={"files": len(manifest["files"]) + 1},
         metrics=metrics,
-        seconds=time.time() - t0,
     )
 
 

@@ -34,8 +34,6 @@ deterministic. All per-event work is polars queries over whole columns.
 
 from __future__ import annotations
 
-import resource
-import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -43,8 +41,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.core.config import FeaturesConfig, section_hash
-from pipeline.training.previous import Previous, open_previous
+from pipeline.core.config import FeaturesConfig
 from pipeline.core.rundir import (
     EVENTS,
     FEATURE_META,
@@ -70,8 +67,8 @@ from pipeline.core.schemas import (
     SPLITS,
     USER_FEATURES_KINDS,
 )
-
-OOV = 0  # index of the out-of-vocabulary user/item row, and the "missing" attribute code
+from pipeline.serving.transforms import EMPTY_CODES, OOV, encode_attributes
+from pipeline.training.previous import Previous, open_previous
 
 META_KEYS = (
     "n_users",
@@ -85,7 +82,6 @@ META_KEYS = (
 
 AttrKind = Literal["categorical", "multi"]
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
-_EMPTY_CODES = pl.lit([], dtype=pl.List(pl.Int32))
 
 
 # -- vocabularies -------------------------------------------------------------------------
@@ -281,45 +277,6 @@ def fit_attributes(table: pl.DataFrame, id_col: str, file: Path | str = "") -> d
     return meta
 
 
-def encode_attributes(frame: Frame, attrs: dict[str, Any]) -> Frame:
-    """Replace each attribute column named in ``attrs`` (from :func:`fit_attributes` or the
-    feature meta) by its codes; a column absent from ``frame`` is added as all-missing.
-
-    Categorical -> int32 code (0 for null or a value outside the vocabulary); multi-valued ->
-    list of int32 codes (nulls and unknown values dropped; a null list becomes ``[]``). Works on
-    eager and lazy frames alike, so serving can encode a request with the training vocabulary.
-    """
-    names = set(frame.collect_schema().names())
-    exprs = []
-    for col, spec in attrs.items():
-        values = spec["values"]
-        codes = list(range(1, len(values) + 1))
-        if spec["kind"] == "categorical":
-            if col not in names:
-                exprs.append(pl.lit(OOV, dtype=pl.Int32).alias(col))
-                continue
-            exprs.append(
-                pl.col(col)
-                .cast(pl.String)
-                .replace_strict(values, codes, default=OOV, return_dtype=pl.Int32)
-                .alias(col)
-            )
-        else:
-            if col not in names:
-                exprs.append(_EMPTY_CODES.alias(col))
-                continue
-            coded = pl.element().replace_strict(values, codes, default=None, return_dtype=pl.Int32)
-            exprs.append(
-                pl.col(col)
-                .cast(pl.List(pl.String))
-                .list.eval(coded)
-                .list.drop_nulls()
-                .fill_null(_EMPTY_CODES)
-                .alias(col)
-            )
-    return frame.with_columns(exprs) if exprs else frame
-
-
 def extend_attributes(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """Attribute vocabularies ``new`` (:func:`fit_attributes`) with the old codes kept.
 
@@ -343,7 +300,7 @@ def extend_attributes(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any
 def missing_codes(attrs: dict[str, Any]) -> dict[str, pl.Expr]:
     """Fill expressions giving rows without an attribute row code 0 / an empty list."""
     return {
-        col: pl.col(col).fill_null(OOV if spec["kind"] == "categorical" else _EMPTY_CODES)
+        col: pl.col(col).fill_null(OOV if spec["kind"] == "categorical" else EMPTY_CODES)
         for col, spec in attrs.items()
     }
 
@@ -422,7 +379,6 @@ def split_events(
 
 def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
     """Build the vocabularies, split events and user/item features; return the stage record."""
-    start = time.perf_counter()
     prev: Previous | None = None
     if cfg.vocab_from is not None:
         prev = open_previous(cfg.vocab_from, "features.vocab_from")
@@ -456,7 +412,7 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
             histories(ev, ("train",), hist_len, "history_train"), on="user_idx", how="left"
         )
         .join(histories(ev, ("train", "valid"), hist_len, "history_all"), on="user_idx", how="left")
-        .with_columns(pl.col("history_train", "history_all").fill_null(_EMPTY_CODES))
+        .with_columns(pl.col("history_train", "history_all").fill_null(EMPTY_CODES))
         .sort("user_idx")
         .collect()
     )
@@ -467,7 +423,7 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         .join(audiences(ev, ("train", "valid"), aud_len, "audience_all"), on="item_idx", how="left")
         .with_columns(
             pl.col("pop_train", "pop_all").fill_null(0),
-            pl.col("audience_train", "audience_all").fill_null(_EMPTY_CODES),
+            pl.col("audience_train", "audience_all").fill_null(EMPTY_CODES),
         )
         .sort("item_idx")
         .collect()
@@ -532,7 +488,6 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
     write_json(meta, run.path(FEATURE_META))
     return StageRecord(
         stage="features",
-        config_hash=section_hash(cfg),
         outputs=outputs,
         rows={
             "events": events_out.height,
@@ -547,6 +502,4 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
             "n_users": float(n_users),
             "n_items": float(n_items),
         },
-        seconds=time.perf_counter() - start,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
     )

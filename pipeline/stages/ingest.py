@@ -18,13 +18,19 @@ retrain. It needs a source with real times (synthetic, movielens, or a table wit
 
 from __future__ import annotations
 
-import resource
-import time
 from datetime import UTC, datetime
 
 import polars as pl
 
-from pipeline.core.config import DataConfig, section_hash
+from pipeline.core.config import DataConfig
+from pipeline.core.rundir import (
+    INTERACTIONS,
+    RAW_ITEMS,
+    RAW_USERS,
+    RunDir,
+    StageRecord,
+    write_parquet,
+)
 from pipeline.readers import (
     INTERACTIONS_SCHEMA,
     IngestError,
@@ -34,7 +40,6 @@ from pipeline.readers import (
     read_table,
 )
 from pipeline.readers.common import attribute_dtype_ok
-from pipeline.core.rundir import INTERACTIONS, RAW_ITEMS, RAW_USERS, RunDir, StageRecord, write_parquet
 
 __all__ = [
     "IngestError",
@@ -156,7 +161,6 @@ def cut_until(interactions: pl.DataFrame, cfg: DataConfig, source: str) -> pl.Da
 
 def ingest(cfg: DataConfig, run: RunDir) -> StageRecord:
     """Read, validate and write the raw data named by ``cfg``; return the stage record."""
-    start = time.perf_counter()
     source = cfg.path or f"synthetic(seed={cfg.synthetic.seed})"
     interactions, users, items = read_source(cfg)
     n_read = interactions.height
@@ -178,15 +182,7 @@ def ingest(cfg: DataConfig, run: RunDir) -> StageRecord:
         metrics["max_timestamp"] = float(interactions["timestamp"].max())
     return StageRecord(
         stage="ingest",
-        config_hash=section_hash(cfg),
         outputs=outputs,
         rows=rows,
         metrics=metrics,
-        seconds=time.perf_counter() - start,
-        peak_rss_mb=peak_rss_mb(),
     )
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

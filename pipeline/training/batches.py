@@ -25,27 +25,7 @@ from pipeline.core.rundir import (
     scan_parquet,
 )
 from pipeline.core.schemas import EVENTS_KINDS, ITEM_FEATURES_KINDS, USER_FEATURES_KINDS
-
-
-def padded(series: pl.Series, width: int | None = None) -> np.ndarray:
-    """A list[int] column as a (rows, width) int64 matrix, right-padded with 0.
-
-    ``width`` defaults to the longest list (at least 1); longer lists keep their last
-    ``width`` entries (the most recent, for histories stored oldest → newest).
-    """
-    lens = series.list.len().fill_null(0).to_numpy().astype(np.int64)  # (rows,)
-    if width is None:
-        width = max(int(lens.max(initial=0)), 1)
-    if lens.max(initial=0) > width:
-        series = series.list.tail(width)
-        lens = np.minimum(lens, width)
-    flat = series.explode().drop_nulls().to_numpy().astype(np.int64)  # (sum lens,)
-    out = np.zeros((len(series), width), dtype=np.int64)  # (rows, width)
-    rows = np.repeat(np.arange(len(series)), lens)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    cols = np.arange(len(flat)) - np.repeat(starts, lens)
-    out[rows, cols] = flat
-    return out
+from pipeline.serving.transforms import padded
 
 
 def _scatter_rows(idx: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.retrieval.index import build_index, set_search_params
 from pipeline.evaluation.metrics import UserItems, topk_index
+from pipeline.retrieval.index import build_index, set_search_params
 
 __all__ = [
     "HardNegativePool",

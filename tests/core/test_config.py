@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.config import Config, ConfigError, load_config, section_hash
+from pipeline.core.config import Config, ConfigError, load_config
+from pipeline.core.hashing import sections_hash
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -61,7 +62,10 @@ def test_metric_must_agree_with_normalisation() -> None:
     assert load_config(None, ["index.metric=l2", "model.normalize=false"]).index.metric == "l2"
 
 
-def test_section_hash_changes_only_with_its_section() -> None:
+def test_sections_hash_changes_only_with_its_sections() -> None:
     a, b = Config(), load_config(None, ["train.epochs=99"])
-    assert section_hash(a.features) == section_hash(b.features)
-    assert section_hash(a.train) != section_hash(b.train)
+    assert sections_hash(a, ["features"]) == sections_hash(b, ["features"])
+    assert sections_hash(a, ["train"]) != sections_hash(b, ["train"])
+    assert sections_hash(a, ["features", "train"]) != sections_hash(b, ["features", "train"])
+    moved = load_config(None, ["data.until=2024-01-02T00:00:00"])  # a moved until re-runs ingest
+    assert sections_hash(a, ["data"]) != sections_hash(moved, ["data"])

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.core import runner
 from pipeline.core.config import load_config
+from pipeline.core.hashing import file_digest, sections_hash
 from pipeline.core.rundir import (
     BEST_CHECKPOINT,
     EMBED_META,
@@ -25,14 +26,15 @@ from pipeline.core.rundir import (
 from pipeline.core.runner import (
     RunConfigError,
     check_run_config,
+    config_hash,
     default_run_dir,
-    file_digest,
     input_hash,
     output_hash,
     pipeline_key,
     run_all,
     run_stage,
 )
+from pipeline.core.stages import stage
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -64,8 +66,10 @@ def test_manifest_holds_config_code_version_and_every_stage(tiny_run) -> None:
         "evaluate",
         "export",
     ]
-    for rec in m["stages"].values():
-        assert rec["seconds"] >= 0 and rec["peak_rss_mb"] > 0
+    for name, rec in m["stages"].items():  # the runner alone records these
+        assert rec["seconds"] > 0 and rec["peak_rss_mb"] > 0
+        assert rec["config_hash"] == config_hash(cfg, name)
+        assert rec["config_hash"] == sections_hash(cfg, stage(name).sections)
 
 
 def test_bad_input_stops_before_writing(tmp_path: Path) -> None:
@@ -96,7 +100,7 @@ def stage_calls(monkeypatch: pytest.MonkeyPatch):
     one failure: {"train": 1} kills training after epoch 1, {"embed": None} fails embed."""
     calls: list[tuple[str, dict]] = []
     fail: dict[str, int | None] = {}
-    real = runner._stage_fn
+    real = runner.stage_function
 
     def fake(stage: str):
         fn = real(stage)
@@ -122,7 +126,7 @@ def stage_calls(monkeypatch: pytest.MonkeyPatch):
 
         return wrapped
 
-    monkeypatch.setattr(runner, "_stage_fn", fake)
+    monkeypatch.setattr(runner, "stage_function", fake)
     return calls, fail
 
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.retrieval.index import build_index
 from pipeline.evaluation.metrics import (
     UserItems,
     coverage,
@@ -23,6 +22,7 @@ from pipeline.evaluation.metrics import (
     topk_overlap,
     topk_scored,
 )
+from pipeline.retrieval.index import build_index
 
 
 def sets(rows: list[list[int]]) -> UserItems:

@@ -9,15 +9,6 @@ import polars as pl
 import pytest
 
 from pipeline.core.config import EvalConfig
-from pipeline.evaluation.report import (
-    flat_metrics,
-    headline_k,
-    read_summary,
-    read_sweep,
-    sections,
-    to_markdown,
-    write_report,
-)
 from pipeline.core.rundir import (
     EMBED_META,
     EVAL_HTML,
@@ -34,6 +25,15 @@ from pipeline.core.rundir import (
     RunDir,
     write_json,
     write_parquet,
+)
+from pipeline.evaluation.report import (
+    flat_metrics,
+    headline_k,
+    read_summary,
+    read_sweep,
+    sections,
+    to_markdown,
+    write_report,
 )
 
 KS = [10, 20]

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.cli_serve import parse_attributes
+from flows.cli.serve import parse_attributes
 from pipeline.core.rundir import EXPORT_DIR
 from pipeline.serving.retriever import Retriever
 

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.core.config import ConfigError, TrackingConfig, load_config
+from pipeline.core.rundir import EVAL_SUMMARY, EVENTS, ITEM_VOCAB, RAW_USERS, RunDir, write_json
 from pipeline.release.gate import (
     GATE_DECISION,
     GateDecision,
@@ -29,9 +30,9 @@ from pipeline.release.gate import (
     score_bundle,
 )
 from pipeline.release.registry import RegistryError, alias_version, find_alias, version_bundle
-from pipeline.core.rundir import EVAL_SUMMARY, EVENTS, ITEM_VOCAB, RAW_USERS, RunDir, write_json
-from pipeline.serving.retriever import Retriever, sha256, verify_bundle
 from pipeline.release.tracking import Tracker, search_runs
+from pipeline.core.hashing import sha256
+from pipeline.serving.retriever import Retriever, verify_bundle
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BUNDLE = "export/v1"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.core.rundir import EXPORT_DIR
 from pipeline.release.registry import (
     alias_version,
     model_uri,
@@ -29,7 +30,6 @@ from pipeline.release.registry import (
     set_alias,
     tracking_scope,
 )
-from pipeline.core.rundir import EXPORT_DIR
 from pipeline.serving.retriever import BundleError, Retriever
 
 NAME = "twotower-test"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.retrieval import tuning
+from pipeline.retrieval.index import build_index
 from pipeline.retrieval.tuning import (
     SWEEP_KEYS,
     SWEEP_ROW_KEYS,
@@ -19,7 +20,6 @@ from pipeline.retrieval.tuning import (
     tunable_param,
     tune,
 )
-from pipeline.retrieval.index import build_index
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see tests/conftest.py
 

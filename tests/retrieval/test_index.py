@@ -7,22 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.retrieval import tuning
-from pipeline.retrieval import index as index_module
-from pipeline.core.config import ConfigError, IndexConfig, load_config, section_hash
-from pipeline.retrieval.index import (
-    FactoryError,
-    auto_factory,
-    auto_nlist,
-    build_index,
-    build_index_stage,
-    check_metric,
-    load_index,
-    metric_name,
-    read_vectors,
-    save_index,
-    set_search_params,
-)
+from pipeline.core.config import ConfigError, IndexConfig, load_config
 from pipeline.core.rundir import (
     EMBED_META,
     INDEX,
@@ -38,6 +23,22 @@ from pipeline.core.rundir import (
     write_json,
     write_parquet,
 )
+from pipeline.retrieval import index as index_module
+from pipeline.retrieval import tuning
+from pipeline.retrieval.embeddings import read_vectors
+from pipeline.retrieval.index import (
+    FactoryError,
+    auto_factory,
+    auto_nlist,
+    build_index,
+    check_metric,
+    load_index,
+    metric_name,
+    save_index,
+    set_search_params,
+)
+from pipeline.stages import index as index_stage
+from pipeline.stages.index import build_index_stage
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see tests/conftest.py
 
@@ -169,7 +170,7 @@ def test_build_index_stage(tmp_path, fixed):
     cfg = IndexConfig(factory="Flat", metric="ip")
     with pytest.warns(UserWarning, match="tuning on item vectors"):  # no user vectors here
         rec = build_index_stage(cfg, run)
-    assert rec.stage == "index" and rec.config_hash == section_hash(cfg)
+    assert rec.stage == "index"
     assert rec.rows == {"items": 50} and "build_seconds" in rec.metrics
     assert rec.metrics["ann_recall@20"] == 1.0  # Flat is exact
     assert rec.outputs == {
@@ -325,7 +326,7 @@ def test_stage_tunes_to_the_cheapest_setting_and_saves_it(tmp_path, factory, par
     # the saved index searches at the chosen setting: recall vs brute force on the same queries
     index = load_index(run.path(INDEX), meta=meta)
     assert tuning.get_param(index, param) == chosen
-    queries, _ = index_module.tuning_queries(run, 200, 16, np.zeros((0, 16), np.float32))
+    queries, _ = index_stage.tuning_queries(run, 200, 16, np.zeros((0, 16), np.float32))
     items = clustered(2000, seed=0)
     exact = tuning.exact_topk(items, np.arange(1, 2001), queries, 10)
     _, found = index.search(queries, 10)
@@ -412,7 +413,14 @@ def test_build_index_stage_refuses_l2_for_an_unnormalised_dot_product_model(tmp_
     assert not run.path(INDEX).exists()
 
 
-# -- GPU: nothing GPU-only runs here; the no-GPU path and the CPU fallback do ---------------
+# -- GPU: the no-GPU path and the CPU fallback run everywhere; the real GPU test where faiss --
+# -- sees a GPU (faiss-gpu on a CUDA host), the no-GPU one where it sees none ----------------
+FAISS_GPUS = index_module.num_gpus()  # 0 with faiss-cpu or without a CUDA device
+needs_no_gpu = pytest.mark.skipif(FAISS_GPUS > 0, reason=f"faiss sees {FAISS_GPUS} GPU(s)")
+needs_gpu = pytest.mark.skipif(FAISS_GPUS == 0, reason="faiss sees no GPU (faiss-cpu or no CUDA)")
+
+
+@needs_no_gpu
 def test_no_gpu_keeps_the_index_on_cpu():
     assert index_module.num_gpus() == 0  # faiss-cpu
     vecs, ids = data()
@@ -466,3 +474,31 @@ def test_gpu_options_reach_the_cloner_and_search_params_carry_over(monkeypatch, 
     calls.clear()
     moved_index, on_gpu = index_module._to_gpu(index, "auto", mode, fp16)
     assert on_gpu and faiss.extract_index_ivf(moved_index).nprobe == 6
+
+
+@needs_gpu
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_gpu_index_is_on_the_gpu_and_searches_like_exact_cpu_search(factory, mode):
+    vecs, ids = data(n=2000, dim=16)
+    queries = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    k = 10
+    index = build_index(vecs, ids, factory, "ip", gpu="auto", gpu_mode=mode)
+    assert index_module.is_gpu_index(index)
+    assert index.ntotal == len(ids)
+    if factory.startswith("IVF"):
+        set_search_params(index, nprobe=8)  # every list: exact, like the flat index
+    dist, found = index.search(queries, k)
+    exact = faiss.IndexFlat(16, faiss.METRIC_INNER_PRODUCT)  # CPU, brute force, row numbers
+    exact.add(vecs)
+    exact_dist, rows = exact.search(queries, k)
+    tol = 1e-4  # float32 inner products of 16-d N(0,1) vectors summed in another order
+    np.testing.assert_allclose(dist, exact_dist, rtol=tol, atol=tol)
+    # ids equal; a swap is allowed only between two neighbours whose scores tie within tol
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    differ = found != ids[rows]
+    for q, j in zip(*np.nonzero(differ), strict=True):
+        assert found[q, j] in row_of, (q, j, found[q, j])
+        own = float(vecs[row_of[int(found[q, j])]] @ queries[q])
+        assert abs(own - exact_dist[q, j]) <= tol * max(1.0, abs(own)), (q, j)
+    assert differ.mean() <= 0.01  # ties are rare: the result lists really are the same

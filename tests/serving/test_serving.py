@@ -11,9 +11,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.stages.features import encode_attributes
 from pipeline.core.rundir import EXPORT_DIR
 from pipeline.serving.retriever import BundleError, Retriever, verify_bundle
+from pipeline.serving.transforms import encode_attributes
 
 
 @pytest.fixture(scope="module")

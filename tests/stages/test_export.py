@@ -10,12 +10,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.stages.evaluate import user_sets
-from pipeline.stages.export import export_stage, sha256
-from pipeline.retrieval.index import load_index, read_vectors
-from pipeline.evaluation.metrics import topk_index
 from pipeline.core.rundir import EXPORT_DIR, INDEX, USER_EMBEDDINGS, USER_VOCAB, ArtifactError
+from pipeline.evaluation.metrics import topk_index
+from pipeline.evaluation.truth import user_sets
+from pipeline.retrieval.embeddings import read_vectors
+from pipeline.retrieval.index import load_index
 from pipeline.serving.retriever import BundleError, Retriever
+from pipeline.core.hashing import sha256
+from pipeline.stages.export import export_stage
 
 
 def _bundle(run) -> Path:

@@ -12,15 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.core.config import DataConfig, FeaturesConfig, section_hash
-from pipeline.stages.features import (
-    build_features,
-    encode_attributes,
-    extend_attributes,
-    fit_attributes,
-    load_feature_meta,
-)
-from pipeline.stages.ingest import ingest
+from pipeline.core.config import DataConfig, FeaturesConfig
 from pipeline.core.rundir import (
     EVENTS,
     FEATURE_META,
@@ -39,6 +31,14 @@ from pipeline.core.rundir import (
     write_parquet,
 )
 from pipeline.core.schemas import EVENTS_KINDS, ITEM_FEATURES_KINDS, USER_FEATURES_KINDS
+from pipeline.serving.transforms import encode_attributes
+from pipeline.stages.features import (
+    build_features,
+    extend_attributes,
+    fit_attributes,
+    load_feature_meta,
+)
+from pipeline.stages.ingest import ingest
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 GOWALLA = DATA / "gowalla"
@@ -451,7 +451,7 @@ def test_meta_and_record(tmp_path: Path) -> None:
     assert n_items == read_parquet(run.path(ITEM_VOCAB)).height + 1
     assert meta["history_len"] == 7 and meta["split"] == "leave_last_n"
     assert sum(meta["counts"].values()) == inter.height
-    assert rec.stage == "features" and rec.config_hash == section_hash(cfg)
+    assert rec.stage == "features"
     assert rec.rows["events"] == inter.height and rec.rows["users"] == n_users - 1
     assert rec.metrics["n_test"] == meta["counts"]["test"]
     assert set(rec.outputs.values()) == {
@@ -470,7 +470,7 @@ def test_meta_and_record(tmp_path: Path) -> None:
 # -- real data -----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not GOWALLA.is_dir(), reason="shared Gowalla data absent")
+@pytest.mark.shared_data(GOWALLA)  # skipped when absent, failed on CI (tests/conftest.py)
 def test_gowalla_end_to_end(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     start = time.perf_counter()
@@ -486,7 +486,7 @@ def test_gowalla_end_to_end(tmp_path: Path) -> None:
     assert vocab.filter(item="0")["item_idx"].to_list() == [1]  # shortlex = numeric order
 
 
-@pytest.mark.skipif(not ML100K.is_dir(), reason="shared ml-100k data absent")
+@pytest.mark.shared_data(ML100K)
 def test_ml100k_time_split(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     ingest(DataConfig(source="movielens", path=str(ML100K)), run)

@@ -16,13 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.core.config import Config, load_config
-from pipeline.stages.embed import embed_stage
-from pipeline.stages.export import export_stage
-from pipeline.stages.features import build_features, load_feature_meta
-from pipeline.retrieval.index import build_index_stage
-from pipeline.stages.ingest import ingest
-from pipeline.training.previous import vocab_keys
+from pipeline.core.config import Config, TrainSpec, load_config
 from pipeline.core.rundir import (
     BEST_CHECKPOINT,
     EXPORT_DIR,
@@ -34,15 +28,15 @@ from pipeline.core.rundir import (
     read_parquet,
 )
 from pipeline.serving.retriever import MODEL_FILE, verify_bundle
-from pipeline.stages.train import (
-    TrainSpec,
-    initial_model,
-    load_model,
-    prepare_warm_start,
-    tower_config,
-    train_stage,
-    validate_model,
-)
+from pipeline.stages.embed import embed_stage
+from pipeline.stages.export import export_stage
+from pipeline.stages.features import build_features, load_feature_meta
+from pipeline.stages.index import build_index_stage
+from pipeline.stages.ingest import ingest
+from pipeline.stages.train import train_stage
+from pipeline.training.encoding import load_model, tower_config
+from pipeline.training.loop import initial_model, prepare_warm_start, validate_model
+from pipeline.training.previous import vocab_keys
 from pipeline.training.warm_start import WarmStartError, row_pairs
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"

@@ -1,32 +1,22 @@
-"""The ``twotower`` command line: the whole pipeline (``run``) or one stage at a time."""
+"""``twotower run`` (the whole pipeline as the Prefect flow) and one command per stage of the
+stage table (``twotower ingest --run DIR``, ..., ``twotower gate --run DIR``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-import flows.env  # noqa: F401  (telemetry off, Prefect start-up timeout, before any import)
-from pipeline.core.config import Config, ConfigError, load_config, resolve_config
+from flows.cli.common import ConfigOpt, SetOpt, app, fail, stage_config
+from pipeline.core.config import ConfigError, load_config
 from pipeline.core.lock import PipelineBusyError
-from pipeline.core.rundir import EVAL_REPORT, ArtifactError, RunDir
-from pipeline.core.runner import STAGES, TrackingContext, check_run_config, run_stage
+from pipeline.core.rundir import EVAL_REPORT, ArtifactError, RunDir, StageRecord
+from pipeline.core.runner import TrackingContext, check_run_config, run_stage
+from pipeline.core.stages import STAGES
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-err = Console(stderr=True)
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="dotted override, e.g. train.epochs=3")
-]
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
+RunOpt = Annotated[Path, typer.Option("--run", help="the run directory")]
 
 
 @app.command()
@@ -77,7 +67,7 @@ def run(
             reuse=reuse,
         )
     except (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     rd = RunDir(out)
     manifest = rd.manifest()
     ml = manifest.get("mlflow", {})
@@ -94,59 +84,55 @@ def run(
     print(rd.root)
 
 
-def _stage_config(run: RunDir, config: Path | None, overrides: list[str]) -> Config:
-    """A given config file, else the run's own config (from its manifest), with overrides."""
-    manifest = run.manifest()
-    if config is not None or "config" not in manifest:
-        return load_config(config, overrides)
-    return resolve_config(manifest["config"], overrides, str(run.path("manifest.json")))
-
-
-def _run_single(
-    stage: str, run_dir: Path, config: Path | None, overrides: list[str], **kwargs: object
-) -> None:
+def run_single(
+    stage: str,
+    run_dir: Path,
+    config: Path | None,
+    overrides: list[str],
+    reuse: bool = False,
+    **kwargs: Any,
+) -> StageRecord:
+    """One stage against an existing run directory (ingest may create it), tracked under the
+    run's MLflow parent run; every expected error becomes :func:`fail`."""
+    from pipeline.release.gate import resolve_champion  # "champion" -> the bundle's path
     from pipeline.release.tracking import Tracker
 
     rd = RunDir(run_dir)
     try:
         if stage != "ingest" and not rd.root.is_dir():
             raise ArtifactError(f"{rd.root}: run directory does not exist")
-        cfg = _stage_config(rd, config, overrides)
-        if stage in ("features", "train"):
-            from pipeline.release.gate import resolve_champion  # "champion" -> the bundle's path
-
-            cfg = resolve_champion(cfg, rd.root.parent)
+        cfg = resolve_champion(stage_config(rd, config, overrides), rd.root.parent)
         check_run_config(rd, cfg, stage)
         tracker = Tracker(cfg.tracking, rd.root.parent)
         parent = rd.manifest().get("mlflow", {}).get("parent_run_id", "")
-        rec = run_stage(stage, cfg, rd, TrackingContext(tracker, parent), **kwargs)
+        ctx = TrackingContext(tracker, parent)
+        return run_stage(stage, cfg, rd, ctx, reuse=reuse, **kwargs)
     except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
+
+
+def _print_record(rec: StageRecord, run_dir: Path) -> None:
     metrics = {k: round(v, 4) for k, v in rec.metrics.items()}
-    print(f"{stage}: {rec.seconds:.1f}s rows={rec.rows} metrics={json.dumps(metrics)}")
-    print(rd.root)
+    print(f"{rec.stage}: {rec.seconds:.1f}s rows={rec.rows} metrics={json.dumps(metrics)}")
+    print(run_dir)
 
 
 def _make_stage_command(stage: str) -> None:
-    def command(
-        run_dir: Annotated[Path, typer.Option("--run", help="the run directory")],
-        config: ConfigOpt = None,
-        set_: SetOpt = None,
-    ) -> None:
-        _run_single(stage, run_dir, config, set_ or [])
+    def command(run_dir: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+        _print_record(run_single(stage, run_dir, config, set_ or []), run_dir)
 
     command.__doc__ = f"Run only the {stage} stage against a run directory."
     app.command(name=stage)(command)
 
 
 for _stage in STAGES:
-    if _stage != "train":
-        _make_stage_command(_stage)
+    if _stage.name not in ("train", "gate"):  # these two take options of their own (below)
+        _make_stage_command(_stage.name)
 
 
 @app.command(name="train")
 def train(
-    run_dir: Annotated[Path, typer.Option("--run", help="the run directory")],
+    run_dir: RunOpt,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[
@@ -154,12 +140,36 @@ def train(
     ] = False,
 ) -> None:
     """Run only the train stage against a run directory (optionally resuming)."""
-    _run_single("train", run_dir, config, set_ or [], resume=resume)
+    _print_record(run_single("train", run_dir, config, set_ or [], resume=resume), run_dir)
 
 
-import flows.cli_report  # noqa: E402,F401  (registers report, compare)
-import flows.cli_schedule  # noqa: E402,F401  (registers schedule)
-from flows import cli_serve  # noqa: E402,F401  (registers recommend, register)
+@app.command(name="gate")
+def gate(
+    run_dir: Annotated[Path, typer.Option("--run", help="a finished run directory (exported)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow store; default the run's, else tracking.uri / $MLFLOW_TRACKING_URI",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="decide again even if the run already gated this bundle"),
+    ] = False,
+) -> None:
+    """Gate a finished run's bundle against the registry's champion; prints the decision.
 
-if __name__ == "__main__":
-    app()
+    Registers the bundle and promotes it only if its registry.metric on the run's test split
+    is at least the champion's minus registry.tolerance (exit code 0 either way). A run whose
+    gate already decided on this bundle with these settings reuses that decision ("reused":
+    true) unless --force.
+    """
+    from pipeline.release.gate import read_decision
+
+    rec = run_single(
+        "gate", run_dir, config, set_ or [], reuse=not force, tracking_uri=tracking_uri
+    )
+    print(json.dumps({**read_decision(RunDir(run_dir)).to_dict(), "reused": rec.skipped}))

@@ -1,7 +1,6 @@
-"""``twotower recommend``, ``register`` and ``gate``: serve from a bundle, publish a bundle,
-gate a run's bundle against the registry's champion.
+"""``twotower recommend`` and ``register``: serve from a bundle, publish a bundle.
 
-Registered on the ``app`` of :mod:`flows.cli` (which imports this module at its end).
+Registered on the ``app`` of :mod:`flows.cli.common`.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import ConfigOpt, SetOpt, _fail, _stage_config, app
-from pipeline.core.rundir import ArtifactError, RunDir
+from flows.cli.common import app, fail
+from pipeline.core.rundir import ArtifactError
 
 
 def parse_attributes(pairs: list[str], multi: set[str]) -> dict[str, str | list[str]]:
@@ -71,7 +70,7 @@ def recommend(
             user, k=k, exclude_seen=not include_seen, history=items, attributes=attributes
         )
     except (BundleError, ArtifactError, ValueError, KeyError, FileNotFoundError) as exc:
-        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
     print(json.dumps(rec.to_dict()))
 
 
@@ -93,49 +92,11 @@ def register(
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        _fail("no tracking store: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+        fail("no tracking store: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     try:
         version = register_bundle(bundle, uri, name, alias=alias)
     except (BundleError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print(json.dumps({"name": name, "version": version, "alias": alias, "tracking_uri": uri}))
     if alias:
         print(model_uri(name, alias))
-
-
-@app.command()
-def gate(
-    run_dir: Annotated[Path, typer.Option("--run", help="a finished run directory (exported)")],
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri",
-            help="MLflow store; default the run's, else tracking.uri / $MLFLOW_TRACKING_URI",
-        ),
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option("--force", help="decide again even if the run already gated this bundle"),
-    ] = False,
-) -> None:
-    """Gate a finished run's bundle against the registry's champion; prints the decision.
-
-    Registers the bundle and promotes it only if its registry.metric on the run's test split
-    is at least the champion's minus registry.tolerance (exit code 0 either way).
-    """
-    from pipeline.core.config import ConfigError
-    from pipeline.release.gate import GateError, run_gate
-    from pipeline.release.registry import RegistryError
-    from pipeline.serving.retriever import BundleError
-
-    rd = RunDir(run_dir)
-    try:
-        if not rd.root.is_dir():
-            raise ArtifactError(f"{rd.root}: run directory does not exist")
-        cfg = _stage_config(rd, config, set_ or [])
-        decision = run_gate(cfg, rd, tracking_uri=tracking_uri, reuse=not force)
-    except (ConfigError, GateError, RegistryError, BundleError, ArtifactError, ValueError) as exc:
-        _fail(str(exc))
-    print(json.dumps(decision.to_dict()))

@@ -1,8 +1,8 @@
 """``twotower report RUN`` and ``twotower compare RUN_A RUN_B``: a run's evaluation report,
 and two runs' figures side by side.
 
-Registered on the app of :mod:`flows.cli` (which imports this module on its last line), so
-they share its config options and error handling. Both read only the run directories.
+Registered on the app of :mod:`flows.cli.common`, so they share its config options and
+error handling. Both read only the run directories.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli import ConfigOpt, SetOpt, _fail, _stage_config, app
+from flows.cli.common import ConfigOpt, SetOpt, app, fail, stage_config
 from pipeline.core.config import Config, ConfigError
 from pipeline.core.rundir import EVAL_SUMMARY, ArtifactError, RunDir
 
@@ -50,11 +50,11 @@ def report(run_dir: RunArg, config: ConfigOpt = None, set_: SetOpt = None) -> No
     try:
         if not rd.root.is_dir():
             raise ArtifactError(f"{rd.root}: run directory does not exist")
-        cfg = _stage_config(rd, config, set_ or [])
+        cfg = stage_config(rd, config, set_ or [])
         outputs = write_report(cfg.eval, rd)
         where = _log_to_mlflow(cfg, rd, [rd.path(p) for p in outputs.values()])
     except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for rel in outputs.values():
         print(rd.path(rel))
     if where:
@@ -67,14 +67,14 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
     path = RunDir(run_dir).path(EVAL_SUMMARY)
     if not path.is_file():
-        _fail(
+        fail(
             f"{path}: no evaluation summary in run {run_dir} "
             f"(run `twotower evaluate --run {run_dir}` first)"
         )
     try:
         return read_summary(path)
     except (ArtifactError, ValueError) as exc:  # ValueError: invalid JSON
-        _fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
+        fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
     raise AssertionError("unreachable")
 
 

@@ -1,0 +1,92 @@
+"""A trained model in and out: its tower config from the features' metadata, loading it from
+a checkpoint, and encoding items and users with it in batches (embed, export, validation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core.config import ModelConfig
+from pipeline.training.batches import FeatureTensors
+from towers import AttrSpec, TowerConfig, TwoTower
+
+
+def tower_config(model: ModelConfig, meta: dict[str, Any]) -> TowerConfig:
+    """The towers' architecture from the model config and the features' metadata."""
+
+    def specs(attrs: dict[str, Any], enabled: bool) -> list[AttrSpec]:
+        if not enabled:
+            return []
+        return [
+            AttrSpec(name=n, cardinality=int(a["cardinality"]), multi=a["kind"] == "multi")
+            for n, a in sorted(attrs.items())
+        ]
+
+    return TowerConfig(
+        n_users=int(meta["n_users"]),
+        n_items=int(meta["n_items"]),
+        dim=model.dim,
+        user_id=model.user_id,
+        user_history=model.user_history and int(meta["history_len"]) > 0,
+        item_audience=model.item_audience
+        and model.user_id
+        and int(meta.get("audience_len", 0)) > 0,
+        user_attrs=specs(meta.get("user_attrs", {}), model.user_attributes),
+        item_id=model.item_id,
+        item_attrs=specs(meta.get("item_attrs", {}), model.item_attributes),
+        share_item_embeddings=model.share_item_embeddings,
+        combine=model.combine,
+        gate=model.gate,
+        gate_learnable=model.gate_learnable,
+        history_transform=model.history_transform,
+        history_dropout=model.history_dropout,
+        hidden=list(model.hidden),
+        dropout=model.dropout,
+        normalize=model.normalize,
+    )
+
+
+def load_model(path: Path) -> tuple[TwoTower, dict[str, Any]]:
+    """Rebuild a TwoTower from a checkpoint file (best or latest); returns (model, checkpoint)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = TwoTower.from_config(TowerConfig(**tower_kwargs(ckpt["tower_config"])))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, ckpt
+
+
+def tower_kwargs(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    d["user_attrs"] = [AttrSpec(**a) for a in d.get("user_attrs", [])]
+    d["item_attrs"] = [AttrSpec(**a) for a in d.get("item_attrs", [])]
+    return d
+
+
+@torch.no_grad()
+def encode_items(
+    model: TwoTower, ft: FeatureTensors, audience: str, batch_size: int = 8192
+) -> torch.Tensor:
+    """Vectors of item rows 1..n_items-1 (row 0 is the OOV row, never retrieved), with their
+    train-only or train+valid audience."""
+    model.eval()
+    ids = torch.arange(1, ft.n_items)
+    out = [
+        model.encode_items(ft.item_batch(ids[s : s + batch_size], audience))
+        for s in range(0, len(ids), batch_size)
+    ]
+    return torch.cat(out)  # (n_items - 1, dim)
+
+
+@torch.no_grad()
+def encode_users(
+    model: TwoTower, ft: FeatureTensors, users: torch.Tensor, history: str, batch_size: int = 8192
+) -> torch.Tensor:
+    """Vectors of the given users, with their train-only or train+valid history."""
+    model.eval()
+    out = [
+        model.encode_users(ft.user_batch(users[s : s + batch_size], history))
+        for s in range(0, len(users), batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, model.user_tower.dim)  # (U, dim)
