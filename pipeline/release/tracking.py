@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module of the project that imports mlflow.
+"""MLflow tracking: parent and nested runs, params, metrics, artifacts (``pipeline.release``,
+with the registry, the pyfunc model and the gate, is the only package that imports mlflow).
 
 One parent run per pipeline run, one nested run per stage. Everything goes through an
 ``MlflowClient`` with explicit run ids (no fluent "active run" state), so stages that Prefect

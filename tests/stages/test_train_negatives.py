@@ -92,7 +92,7 @@ def _train_traced(run: RunDir, *overrides: str) -> Trace:
     def copy(x: Any) -> Any:
         return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
-    def record(module: torch.nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+    def record(module: torch.nn.Module, _args: tuple, kwargs: dict, _out: Any) -> None:
         if not isinstance(module, LOSSES) or not torch.is_grad_enabled():
             return
         shared, hard = kwargs.get("shared_neg"), kwargs.get("hard_neg")
@@ -100,7 +100,6 @@ def _train_traced(run: RunDir, *overrides: str) -> Trace:
         steps.append(
             {
                 "epoch": epoch[0],
-                "rows": int(args[0].shape[0]),
                 "in_batch": kwargs.get("in_batch", True),
                 "item_ids": copy(kwargs.get("item_ids")),
                 "user_ids": copy(kwargs.get("user_ids")),
@@ -172,9 +171,9 @@ def _streaming_logq(t: Trace) -> None:
 def _mixed_popular(t: Trace) -> None:
     assert all(s["n_shared"] == 64 for s in t.steps)  # 64 shared negatives every step
     drawn, alpha, uniform = _drawn_popularity(t, 0.5)
-    # popularity**0.5: the drawn items are as popular as that sampler predicts (within 10%,
-    # many thousand draws), well above a uniform draw
-    assert drawn == pytest.approx(alpha, rel=0.1) and drawn > (alpha + uniform) / 2
+    # popularity**0.5: the drawn items are as popular as that sampler predicts (within 5%:
+    # ~7000 draws; tiny.yaml: 21.4 against 17.8 for a uniform draw), nearer it than uniform
+    assert drawn == pytest.approx(alpha, rel=0.05) and drawn > (alpha + uniform) / 2
 
 
 def _mixed_without_in_batch(t: Trace) -> None:
@@ -185,16 +184,16 @@ def _mixed_without_in_batch(t: Trace) -> None:
     for s in t.steps:
         assert torch.allclose(s["log_q"], torch.full_like(s["log_q"], uniform_log_q), atol=1e-5)
     drawn, alpha, uniform = _drawn_popularity(t, 0.5)  # mixed_alpha 0: uniform draws
-    assert drawn == pytest.approx(uniform, rel=0.1) and drawn < (alpha + uniform) / 2
+    assert drawn == pytest.approx(uniform, rel=0.05) and drawn < (alpha + uniform) / 2
 
 
 def _hard_window(t: Trace) -> None:
     assert t.mined_epochs() == list(range(1, len(t.history)))  # from hard_start_epoch=1 on
     for h in t.history[1:]:  # each user's pool is the rank window [5, 30): 25 slots
         assert h["hard_mined"] > 0 and h["hard_slots"] == 25 * h["hard_users"]
-    assert all(s["n_hard"] == 0 for s in t.steps_in([0]))
-    assert all(s["n_hard"] == 4 for s in t.steps_in(range(1, 4)))
-    assert t.steps_in(range(1, 4))
+    assert all(s["n_hard"] == 0 for s in t.steps_in([0]))  # nothing mined yet
+    later = t.steps_in(range(1, 4))
+    assert later and all(s["n_hard"] == 4 for s in later)  # 4 mined negatives per row
 
 
 def _hard_margin_late(t: Trace) -> None:
@@ -204,8 +203,9 @@ def _hard_margin_late(t: Trace) -> None:
     late = t.steps_in(range(2, 4))
     assert late and all(s["n_hard"] == 4 for s in late)
     # the margin leaves out candidates scoring near the positive: some slots are invalid
+    # (tiny.yaml: 97% valid; without a margin, as in the row above, all of them are)
     valid = torch.cat([s["hard_valid"].reshape(-1) for s in late]).double().mean()
-    assert valid < 0.999
+    assert 0.5 < valid < 0.999
 
 
 def _triplet(t: Trace) -> None:
@@ -226,7 +226,7 @@ def _learnable_temperature(t: Trace) -> None:
 
 
 def _memory(t: Trace) -> None:
-    assert t.ckpt["memory"]["filled"] == 256  # full
+    assert t.ckpt["memory"] is not None and t.ckpt["memory"]["filled"] == 256  # full
     assert all(s["n_shared"] == 0 for s in t.steps_in([0]))  # memory_start_epoch=1
     later = t.steps_in(range(1, 4))
     assert later and all(s["n_shared"] == 256 for s in later)
@@ -260,7 +260,7 @@ def _user_sampling_mixed(t: Trace) -> None:
 
 
 def _memory_mixed_streaming(t: Trace) -> None:
-    assert t.ckpt["memory"]["filled"] == 128
+    assert t.ckpt["memory"] is not None and t.ckpt["memory"]["filled"] == 128
     assert t.ckpt["estimator"] is not None and int(t.ckpt["estimator"]["step"]) == len(t.steps) - 1
     assert all(s["n_shared"] == 32 for s in t.steps_in([0]))  # sampled only; memory from epoch 1
     later = t.steps_in(range(1, 4))
@@ -268,7 +268,8 @@ def _memory_mixed_streaming(t: Trace) -> None:
 
 
 def _learnable_gate(t: Trace) -> None:
-    logit = t.ckpt["model"]["user_tower.combine.gate_logit"]  # SimpleX's gate, learnable
+    assert "user_tower.combine.gate_logit" in t.ckpt["model"]  # SimpleX's gate, learnable
+    logit = t.ckpt["model"]["user_tower.combine.gate_logit"]
     assert abs(float(logit)) > 1e-3  # it moved from logit(0.5) = 0
     assert t.ckpt["tower_config"]["combine"] == "gated"
     assert not t.ckpt["tower_config"]["user_attrs"]  # model.user_attributes=false
@@ -309,12 +310,14 @@ CONFIGURATIONS = [
     ("overrides", "trace"),
     [pytest.param(o, t, id=",".join(o)) for o, t in CONFIGURATIONS],
 )
-def test_each_configuration_beats_popularity_on_validation(
+def test_each_configuration_takes_effect_and_beats_popularity_on_validation(
     features_run: RunDir,
     valid_popularity: float,
     overrides: list[str],
     trace: Callable[[Trace], None],
 ) -> None:
+    """Each row learns, and leaves the trace (history, checkpoint, what the loss was called
+    with) that its options really acted: each trace fails on a run that ignores its options."""
     t = _train_traced(features_run, *overrides)
     assert t.rec.metrics["best_valid_recall@20"] > valid_popularity + 0.05
     assert t.steps and {s["epoch"] for s in t.steps} == set(range(len(t.history)))
