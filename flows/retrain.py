@@ -1,7 +1,7 @@
 """The ``retrain`` Prefect flow: every stage as a task, one MLflow parent run around them.
 
 Runs with no server (Prefect's ephemeral local mode) or against a Prefect server when
-``PREFECT_API_URL`` is set. Tasks are the stages of ``pipeline.core.runner``; the I/O-bound ones
+``PREFECT_API_URL`` is set. Tasks are the stages of ``pipeline.core.stages``; the I/O-bound ones
 (ingest, export) retry on failure. Stage inputs pass through the run directory only.
 
 Re-runs are cheap: the default run directory is named by the hash of the config and the raw

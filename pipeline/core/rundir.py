@@ -156,22 +156,23 @@ def check_columns(schema: pa.Schema, required: dict[str, str], file: Path | str)
             )
 
 
-def read_parquet(path: Path, required: dict[str, str] | None = None) -> pl.DataFrame:
-    """Read a parquet artifact after checking it exists and has the declared columns."""
+def _checked(path: Path, required: dict[str, str] | None) -> Path:
+    """``path`` after checking it exists and (if ``required``) has the declared columns."""
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact not found (has the stage that writes it run?)")
     if required:
         check_columns(pq.read_schema(path), required, path)
-    return pl.read_parquet(path)
+    return path
+
+
+def read_parquet(path: Path, required: dict[str, str] | None = None) -> pl.DataFrame:
+    """Read a parquet artifact after checking it exists and has the declared columns."""
+    return pl.read_parquet(_checked(path, required))
 
 
 def scan_parquet(path: Path, required: dict[str, str] | None = None) -> pl.LazyFrame:
     """Lazily scan a parquet artifact after checking it exists and has the declared columns."""
-    if not path.is_file():
-        raise ArtifactError(f"{path}: artifact not found (has the stage that writes it run?)")
-    if required:
-        check_columns(pq.read_schema(path), required, path)
-    return pl.scan_parquet(path)
+    return pl.scan_parquet(_checked(path, required))
 
 
 def read_json(path: Path) -> Any:

@@ -9,8 +9,8 @@ registered version can carry an alias ("champion"), so a server started with
 
 answers ``POST /invocations`` with ``{"dataframe_records": [{"user": "u1", "k": 10}]}``. With
 ``--env-manager local`` the server runs in the current environment, which must have this
-package installed (the model's code imports :mod:`pipeline.serving.retriever`); no environment is built
-and nothing is downloaded.
+package installed (the model's code imports :mod:`pipeline.serving.retriever`); no
+environment is built and nothing is downloaded.
 
 MLflow's ``log_model`` works through the fluent API, so these functions point MLflow's global
 tracking URI at the given store for the duration of a call and restore it afterwards.

@@ -1,8 +1,8 @@
 """The user tower as ONNX, checked against torch with onnxruntime before it enters a bundle.
 
 One job: turn the ``torch.export`` program of the user tower (see
-:func:`pipeline.stages.export.export_user_tower`) into an ONNX file with the same inputs and the same
-dynamic batch / history / attribute-length dimensions, then prove the file answers like torch:
+:func:`pipeline.stages.export.export_user_tower`) into an ONNX file with the same inputs and
+the same dynamic batch / history / attribute-length dimensions, then prove the file answers like torch:
 onnxruntime and the exported program encode the same rows and the largest absolute difference
 of their vectors must stay below a tolerance. The figure goes into the bundle manifest, so a
 serving system can see how far the ONNX backend may drift from the torch one.

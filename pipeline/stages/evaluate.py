@@ -13,10 +13,11 @@ Four rankings side by side on the same users and split:
 Each gets recall, NDCG, MRR, hit rate, precision, catalogue coverage and popularity bias
 (mean ``pop_train`` of what it recommends) at every k; recall and NDCG keep their keys and
 values of before. Beside them: breakdowns by user activity and test-item popularity
-(:mod:`pipeline.evaluation.breakdown`) and embedding health (:mod:`pipeline.evaluation.embedding_health`).
+(:mod:`pipeline.evaluation.breakdown`) and embedding health
+(:mod:`pipeline.evaluation.embedding_health`).
 
-Writes EVAL_SUMMARY (JSON), then the report (:mod:`pipeline.evaluation.report`: EVAL_REPORT markdown,
-EVAL_HTML and its PNG plots). The array-level work lives in :mod:`pipeline.evaluation.metrics`;
+Writes EVAL_SUMMARY (JSON), then the report (:mod:`pipeline.evaluation.report`: EVAL_REPORT
+markdown, EVAL_HTML and its PNG plots). The array-level work lives in :mod:`pipeline.evaluation.metrics`;
 :func:`evaluate_vectors` is re-exported here for callers that want the exact path only (e.g.
 per-epoch validation in training).
 """

@@ -1,7 +1,8 @@
 """The export stage: a versioned serving bundle another system loads without this package's
 model classes.
 
-Bundle layout (``export/<version>/``; the file names are :mod:`pipeline.serving.retriever`'s constants):
+Bundle layout (``export/<version>/``; the file names are constants of
+:mod:`pipeline.serving.retriever`):
 
 - ``index.faiss``          the item index (ids are item rows)
 - ``item_ids.parquet``     item row -> raw item id (raw history ids -> rows at request time)

@@ -32,8 +32,7 @@ from pipeline.training.batches import load_feature_tensors, load_pairs
 from pipeline.training.encoding import tower_config
 from pipeline.training.loop import (
     EpochCallback,
-    Phase,
-    draw_counts,
+    make_phase,
     new_state,
     prepare_warm_start,
     restore,
@@ -61,15 +60,7 @@ def train_stage(
     if not tcfg.item_audience:
         ft = ft.without_audience()
     spec_hash = sections_hash(spec, TrainSpec.sections())
-    select = Phase(
-        "select",
-        torch.from_numpy(tu),
-        torch.from_numpy(ti),
-        "train",
-        draw_counts(cfg, tu, ti, ft.pop_train),
-        cfg.epochs,
-        val,
-    )
+    select = make_phase("select", cfg, (tu, ti), "train", ft.pop_train, cfg.epochs, val)
     ckpt = None
     ckpt_path = run.path(CHECKPOINT)
     if resume and ckpt_path.is_file():
@@ -102,16 +93,8 @@ def train_stage(
         metrics["final_loss"] = select_history[-1]["loss"]
     metrics.update(warm_report)
     if cfg.refit and val is not None:
-        au, ai = load_pairs(run, ["train", "valid"])
-        refit = Phase(
-            "refit",
-            torch.from_numpy(au),
-            torch.from_numpy(ai),
-            "all",
-            draw_counts(cfg, au, ai, ft.pop_all),
-            select_best_epoch + 1,
-            None,
-        )
+        pairs = load_pairs(run, ["train", "valid"])
+        refit = make_phase("refit", cfg, pairs, "all", ft.pop_all, select_best_epoch + 1, None)
         st = new_state(spec, tcfg, refit, warm)
         if ckpt is not None and ckpt["phase"] == "refit":
             restore(st, ckpt)

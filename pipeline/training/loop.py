@@ -41,7 +41,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
-class _Validation:
+class Validation:
     """The validation users, their held-out items and the train items to exclude."""
 
     users: torch.Tensor  # (U,) int64
@@ -49,19 +49,19 @@ class _Validation:
     exclude: UserItems
 
 
-def validation_set(run: RunDir, tu: np.ndarray, ti: np.ndarray) -> _Validation | None:
+def validation_set(run: RunDir, tu: np.ndarray, ti: np.ndarray) -> Validation | None:
     vu, vi = load_pairs(run, ["valid"])
     if len(vu) == 0:
         return None
     users = np.unique(vu)
-    return _Validation(
+    return Validation(
         users=torch.from_numpy(users),
         truth=UserItems.for_users(users, vu, vi),
         exclude=UserItems.for_users(users, tu, ti),
     )
 
 
-def _validate(model: TwoTower, ft: FeatureTensors, val: _Validation, k: int) -> dict[str, float]:
+def _validate(model: TwoTower, ft: FeatureTensors, val: Validation, k: int) -> dict[str, float]:
     items = encode_items(model, ft, "train").numpy()
     users = encode_users(model, ft, val.users, "train").numpy()
     ids = np.arange(1, ft.n_items, dtype=np.int64)
@@ -131,7 +131,7 @@ class Phase:
     history: str  # which history / audience the towers see: "train" or "all"
     counts: torch.Tensor  # (n_items,) how often each item is drawn as a positive (logQ)
     epochs: int  # maximum epochs
-    val: _Validation | None  # validation set (select phase only)
+    val: Validation | None  # validation set (select phase only)
 
 
 @dataclass
@@ -385,6 +385,23 @@ def run_phase(
                         if k != "epoch"
                     },
                 )
+
+
+def make_phase(
+    name: str,
+    cfg: TrainConfig,
+    pairs: tuple[np.ndarray, np.ndarray],
+    history: str,
+    pop: torch.Tensor,
+    epochs: int,
+    val: Validation | None,
+) -> Phase:
+    """A phase over the (user, item) ``pairs`` with its draw counts (:func:`draw_counts`)."""
+    users, items = pairs
+    counts = draw_counts(cfg, users, items, pop)
+    return Phase(
+        name, torch.from_numpy(users), torch.from_numpy(items), history, counts, epochs, val
+    )
 
 
 def draw_counts(

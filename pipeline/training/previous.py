@@ -94,7 +94,7 @@ def vocab_keys(frame: pl.DataFrame, id_col: str, idx_col: str, file: Path | str)
 
 def open_previous(path: str | Path, key: str) -> Previous:
     """Open the run directory or bundle at ``path`` (named by config key ``key``)."""
-    # the bundle's file names live in pipeline.serving.retriever, imported lazily (it loads faiss, torch)
+    # the bundle's file names: pipeline.serving.retriever, imported lazily (faiss, torch)
     from pipeline.serving.retriever import ITEMS_FILE, MANIFEST_FILE
 
     root = Path(path)
