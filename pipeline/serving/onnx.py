@@ -1,8 +1,9 @@
-"""The user tower as ONNX, checked against torch with onnxruntime before it enters a bundle.
+"""The user tower as a program: ``torch.export`` and ONNX, checked against each other with
+onnxruntime before they enter a bundle.
 
-One job: turn the ``torch.export`` program of the user tower (see
-:func:`pipeline.stages.export.export_user_tower`) into an ONNX file with the same inputs and
-the same dynamic batch / history / attribute-length dimensions, then prove the file answers like torch:
+:func:`export_user_tower` saves the tower with ``torch.export``; :func:`export_onnx` turns
+that program into an ONNX file with the same inputs and the same dynamic batch / history /
+attribute-length dimensions; :func:`check_onnx` proves the file answers like torch:
 onnxruntime and the exported program encode the same rows and the largest absolute difference
 of their vectors must stay below a tolerance. The figure goes into the bundle manifest, so a
 serving system can see how far the ONNX backend may drift from the torch one.
@@ -24,6 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.core.rundir import ArtifactError
+from towers import UserTower, UserTowerExport
 
 OUTPUT_NAME = "user_vec"  # the ONNX graph's one output: (B, dim) float32 user vectors
 _EXPORT_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # chatty at INFO/WARNING
@@ -122,3 +126,50 @@ def max_abs_diff(
 
 
 __all__ = ["OUTPUT_NAME", "export_onnx", "input_names", "max_abs_diff", "onnx_session", "run_onnx"]
+
+
+def export_user_tower(
+    tower: UserTower, example: dict[str, torch.Tensor], path: Path
+) -> tuple[list[str], torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:
+    """Save the user tower with ``torch.export`` (dynamic batch dimension).
+
+    The program takes ``(user_idx (B,), history (B, H), *attrs)`` with the attributes in the
+    returned order; serving calls it with ``torch.export.load(path).module()``. Returns the
+    attribute order, the program and the example arguments (the ONNX export reuses both).
+    """
+    module = UserTowerExport(tower).eval()
+    attr_names = module.attr_names
+    args = (example["user_idx"], example["history"], *[example[f"ua_{n}"] for n in attr_names])
+    program = torch.export.export(module, args, dynamic_shapes=module.dynamic_shapes())
+    torch.export.save(program, path)  # inside the bundle's temporary directory
+    return attr_names, program, args
+
+
+def check_onnx(
+    program: torch.export.ExportedProgram,
+    path: Path,
+    attr_names: list[str],
+    batch: dict[str, torch.Tensor],
+    tolerance: float,
+) -> dict[str, Any]:
+    """Run ``path`` with onnxruntime and the program with torch on the same users.
+
+    ``batch`` is a user batch (several rows); it is checked whole and as a single row (the
+    shape of one serving request). Raises :class:`ArtifactError` naming the file when the
+    largest absolute difference reaches ``tolerance``; returns the figures for the manifest.
+    """
+    names = input_names(attr_names)
+    inputs = [batch["user_idx"], batch["history"], *[batch[f"ua_{n}"] for n in attr_names]]
+    arrays = [x.numpy() for x in inputs]
+    session = onnx_session(path)
+    module = program.module()
+    diff = max(
+        max_abs_diff(module, session, names, arrays),
+        max_abs_diff(module, session, names, [a[:1] for a in arrays]),
+    )
+    if not diff < tolerance:
+        raise ArtifactError(
+            f"{path}: onnxruntime and torch disagree by {diff:.3g} >= export.onnx_tolerance="
+            f"{tolerance:g}; raise the tolerance or set export.onnx=false to ship torch only"
+        )
+    return {"max_abs_diff": diff, "tolerance": tolerance, "rows_checked": len(arrays[0])}

@@ -66,3 +66,6 @@ def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
         outputs={"items": ITEM_EMBEDDINGS, "users": USER_EMBEDDINGS, "meta": EMBED_META},
         rows={"items": len(item_ids), "users": len(users)},
     )
+
+
+__all__ = ["embed_stage"]  # the stage; the rest of the module is its private machinery

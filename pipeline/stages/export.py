@@ -61,7 +61,7 @@ from pipeline.core.rundir import (
     write_parquet,
 )
 from pipeline.core.schemas import EVENTS_KINDS, ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
-from pipeline.serving.onnx import export_onnx, input_names, max_abs_diff, onnx_session
+from pipeline.serving.onnx import check_onnx, export_onnx, export_user_tower, input_names
 from pipeline.serving.retriever import (
     BUNDLE_FORMAT,
     INDEX_FILE,
@@ -75,7 +75,6 @@ from pipeline.serving.retriever import (
 )
 from pipeline.training.batches import FeatureTensors, load_feature_tensors
 from pipeline.training.encoding import load_model
-from towers import UserTower, UserTowerExport
 
 # index meta key -> faiss search parameter: copied into the manifest's index.search when set,
 # re-applied by serving (they are saved in the index file too; the manifest makes them visible)
@@ -85,53 +84,6 @@ INDEX_SEARCH_PARAMS = {
     "efSearch": "efSearch",
     "refine_k_factor": "k_factor_rf",
 }
-
-
-def export_user_tower(
-    tower: UserTower, example: dict[str, torch.Tensor], path: Path
-) -> tuple[list[str], torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:
-    """Save the user tower with ``torch.export`` (dynamic batch dimension).
-
-    The program takes ``(user_idx (B,), history (B, H), *attrs)`` with the attributes in the
-    returned order; serving calls it with ``torch.export.load(path).module()``. Returns the
-    attribute order, the program and the example arguments (the ONNX export reuses both).
-    """
-    module = UserTowerExport(tower).eval()
-    attr_names = module.attr_names
-    args = (example["user_idx"], example["history"], *[example[f"ua_{n}"] for n in attr_names])
-    program = torch.export.export(module, args, dynamic_shapes=module.dynamic_shapes())
-    torch.export.save(program, path)  # inside the bundle's temporary directory
-    return attr_names, program, args
-
-
-def check_onnx(
-    program: torch.export.ExportedProgram,
-    path: Path,
-    attr_names: list[str],
-    batch: dict[str, torch.Tensor],
-    tolerance: float,
-) -> dict[str, Any]:
-    """Run ``path`` with onnxruntime and the program with torch on the same users.
-
-    ``batch`` is a user batch (several rows); it is checked whole and as a single row (the
-    shape of one serving request). Raises :class:`ArtifactError` naming the file when the
-    largest absolute difference reaches ``tolerance``; returns the figures for the manifest.
-    """
-    names = input_names(attr_names)
-    inputs = [batch["user_idx"], batch["history"], *[batch[f"ua_{n}"] for n in attr_names]]
-    arrays = [x.numpy() for x in inputs]
-    session = onnx_session(path)
-    module = program.module()
-    diff = max(
-        max_abs_diff(module, session, names, arrays),
-        max_abs_diff(module, session, names, [a[:1] for a in arrays]),
-    )
-    if not diff < tolerance:
-        raise ArtifactError(
-            f"{path}: onnxruntime and torch disagree by {diff:.3g} >= export.onnx_tolerance="
-            f"{tolerance:g}; raise the tolerance or set export.onnx=false to ship torch only"
-        )
-    return {"max_abs_diff": diff, "tolerance": tolerance, "rows_checked": len(arrays[0])}
 
 
 def _versions(with_onnx: bool) -> dict[str, str]:
@@ -334,4 +286,4 @@ def _write_onnx(
     return {"file": ONNX_FILE, "format": "onnx", **info, **check, "seconds": time.time() - t0}
 
 
-__all__ = ["check_onnx", "export_stage", "export_user_tower", "sha256"]
+__all__ = ["export_stage"]  # the stage; the rest of the module is its private machinery

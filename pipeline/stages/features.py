@@ -503,3 +503,6 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
             "n_items": float(n_items),
         },
     )
+
+
+__all__ = ["build_features"]  # the stage; the rest of the module is its private machinery

@@ -182,3 +182,6 @@ def build_index_stage(cfg: IndexConfig, run: RunDir) -> StageRecord:
         rows={"items": int(index.ntotal)},
         metrics=metrics,
     )
+
+
+__all__ = ["build_index_stage"]  # the stage; the rest of the module is its private machinery

@@ -112,3 +112,6 @@ def train_stage(
         rows={"train_events": len(tu), "valid_users": 0 if val is None else len(val.users)},
         metrics=metrics,
     )
+
+
+__all__ = ["train_stage"]  # the stage; the rest of the module is its private machinery

@@ -71,7 +71,7 @@ def test_build_index_keeps_ids(factory):
 
 def test_build_index_reconstruct_by_id_and_auto_gpu_runs_on_cpu():
     vecs, ids = data()
-    index = build_index(vecs, ids, "Flat", "ip", gpu="auto")  # no GPU here: stays on CPU
+    index = build_index(vecs, ids, "Flat", "ip", gpu="auto")  # CPU here, GPU on a GPU host
     np.testing.assert_array_equal(index.reconstruct(int(ids[7])), vecs[7])
     assert metric_name(index) == "ip"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -473,10 +472,8 @@ def test_meta_and_record(tmp_path: Path) -> None:
 @pytest.mark.shared_data(GOWALLA)  # skipped when absent, failed on CI (tests/conftest.py)
 def test_gowalla_end_to_end(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    start = time.perf_counter()
     ingest(DataConfig(source="lightgcn", path=str(GOWALLA)), run)
     rec = build_features(FeaturesConfig(split="given", valid_fraction=0.1), run)
-    assert time.perf_counter() - start < 30  # a few seconds on 2 cores
     meta = load_feature_meta(run)
     counts = meta["counts"]
     assert counts["train"] + counts["valid"] == 810_128 and counts["test"] == 217_242
