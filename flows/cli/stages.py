@@ -117,20 +117,14 @@ def _print_record(rec: StageRecord, run_dir: Path) -> None:
     print(run_dir)
 
 
-def _make_stage_command(stage: str) -> None:
+def _stage_command(stage: str):
     def command(run_dir: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
         _print_record(run_single(stage, run_dir, config, set_ or []), run_dir)
 
     command.__doc__ = f"Run only the {stage} stage against a run directory."
-    app.command(name=stage)(command)
+    return command
 
 
-for _stage in STAGES:
-    if _stage.name not in ("train", "gate"):  # these two take options of their own (below)
-        _make_stage_command(_stage.name)
-
-
-@app.command(name="train")
 def train(
     run_dir: RunOpt,
     config: ConfigOpt = None,
@@ -143,7 +137,6 @@ def train(
     _print_record(run_single("train", run_dir, config, set_ or [], resume=resume), run_dir)
 
 
-@app.command(name="gate")
 def gate(
     run_dir: Annotated[Path, typer.Option("--run", help="a finished run directory (exported)")],
     config: ConfigOpt = None,
@@ -173,3 +166,8 @@ def gate(
         "gate", run_dir, config, set_ or [], reuse=not force, tracking_uri=tracking_uri
     )
     print(json.dumps({**read_decision(RunDir(run_dir)).to_dict(), "reused": rec.skipped}))
+
+
+_OWN_OPTIONS = {"train": train, "gate": gate}  # stages whose command takes options of its own
+for _stage in STAGES:  # one command per stage, in pipeline order
+    app.command(name=_stage.name)(_OWN_OPTIONS.get(_stage.name) or _stage_command(_stage.name))
