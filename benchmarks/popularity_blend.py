@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.rundir import BEST_CHECKPOINT, RunDir  # noqa: E402
-from pipeline.evaluation.metrics import recall_ndcg, topk_exact  # noqa: E402
+from pipeline.evaluation.metrics import recall_ndcg  # noqa: E402
+from pipeline.retrieval.topk import topk_exact  # noqa: E402
 from pipeline.training.batches import load_feature_tensors, load_pairs  # noqa: E402
 from pipeline.training.encoding import encode_items, encode_users, load_model  # noqa: E402
 from pipeline.training.loop import validation_set  # noqa: E402

@@ -1,4 +1,7 @@
-"""Non-neural baselines on the model's split and protocol: item-kNN (popularity is in metrics).
+"""Non-neural baselines on the model's split and protocol: popularity and item-kNN.
+
+Popularity (:func:`popularity_topk`): the most popular items each user has not seen, one
+global ranking shared by every user.
 
 Item-kNN (Sarwar et al., "Item-based collaborative filtering recommendation algorithms",
 WWW 2001; Deshpande & Karypis, "Item-based top-N recommendation algorithms", TOIS 2004):
@@ -13,8 +16,8 @@ WWW 2001; Deshpande & Karypis, "Item-based top-N recommendation algorithms", TOI
 
 Everything is sparse (scipy.sparse) and batched: the similarity is built a block of item rows
 at a time (dense block, ``torch.topk`` per row), the scores a batch of users at a time through
-:func:`pipeline.evaluation.metrics.topk_scored`, which masks seen items exactly as the model's ranking
-does. On Gowalla (29,858 users x 40,981 items, ~810k interactions) both take seconds.
+:func:`pipeline.retrieval.topk.topk_scored`, which masks seen items exactly as the model's
+ranking does. On Gowalla (29,858 users x 40,981 items, ~810k interactions) both take seconds.
 """
 
 from __future__ import annotations
@@ -23,9 +26,41 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipeline.evaluation.metrics import UserItems, topk_scored
+from pipeline.retrieval.topk import UserItems, sorted_catalogue, topk_ranked, topk_scored
 
-__all__ = ["interaction_matrix", "item_knn_topk", "item_similarity"]
+__all__ = ["interaction_matrix", "item_knn_topk", "item_similarity", "popularity_topk"]
+
+
+def popularity_topk(
+    popularity: np.ndarray,
+    item_ids: np.ndarray,
+    exclude: UserItems | None,
+    k: int,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """The k most popular items each user has not seen: (U, k) ids, U = ``exclude.n_rows``.
+
+    ``popularity`` (N,) is the score of each of ``item_ids`` (e.g. train+valid counts); ties
+    -> lower item id first, as in :func:`pipeline.retrieval.topk.topk_exact` (and equal to it
+    with every user scoring ``popularity``). Every user shares one ranking, so instead of
+    scoring (U, N) matrices each batch takes the global ranking's first ``k + (largest
+    exclusion count in the batch)`` items and drops the excluded ones
+    (:func:`pipeline.retrieval.topk.topk_ranked`, as the index path does).
+    """
+    if exclude is None:
+        raise ValueError("popularity_topk needs exclude (it defines the users)")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ids, (pop,) = sorted_catalogue(item_ids, popularity)
+    ranked = ids[np.argsort(-np.asarray(pop, dtype=np.float64), kind="stable")]  # (N,)
+    return topk_ranked(
+        lambda rows, m: np.broadcast_to(ranked[:m], (rows.size, m)),
+        exclude.n_rows,
+        ids.size,
+        exclude,
+        k,
+        batch_size,
+    )
 
 
 def interaction_matrix(

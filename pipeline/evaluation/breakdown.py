@@ -26,7 +26,8 @@ import numpy as np
 
 from pipeline.core.rundir import ITEM_FEATURES, RunDir, read_parquet
 from pipeline.core.schemas import ITEM_FEATURES_KINDS
-from pipeline.evaluation.metrics import UserItems, bucket_recall, recall_ndcg
+from pipeline.evaluation.metrics import bucket_recall, recall_ndcg
+from pipeline.retrieval.topk import UserItems
 
 __all__ = [
     "ITEM_BUCKETS",

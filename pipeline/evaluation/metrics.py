@@ -4,482 +4,39 @@ The protocol (DESIGN.md, "Evaluation protocol"): rank the whole item catalogue f
 excluding the user's training items; recall@k = |top-k ∩ test| / |test|; NDCG@k with binary
 relevance and ideal DCG over min(k, |test|); both averaged over users with >= 1 test item.
 
-Everything is batched and vectorised — no Python loop per user:
+The rankings themselves (the (U, K) id matrices scored here, and :class:`UserItems`, the
+per-user item sets) come from :mod:`pipeline.retrieval.topk`. Everything is vectorised — no
+Python loop per user:
 
-* :class:`UserItems` — per-row item-id sets in CSR form (``indptr``, ``indices``), with
-  vectorised membership tests on ``row * stride + item`` keys;
-* :func:`topk_exact` — brute force (torch matmul + topk) with seen items masked by scatter;
-* :func:`topk_index` — the same through a FAISS index, over-fetching by the batch's largest
-  exclusion count and dropping excluded ids;
-* :func:`popularity_topk` — the most popular unseen items (same masking path);
 * :func:`recall_ndcg` / :func:`per_user_recall_ndcg` — the metrics from a (U, K) id matrix;
 * :func:`ranking_metrics` / :func:`per_user_ranking_metrics` — recall, NDCG, MRR, hit rate and
   precision at every k (recall and NDCG identical to :func:`recall_ndcg`);
+* :func:`bucket_recall` — recall@k restricted to each bucket of test items;
 * :func:`coverage` / :func:`popularity_bias` — catalogue share and mean popularity of what is
-  recommended (properties of the top-k lists, not of the test set);
-* :func:`topk_scored` — top-k from any batched scorer (e.g. the item-kNN baseline);
-* :func:`topk_overlap` — share of exact top-k found by an approximate top-k (ANN recall);
-* :func:`evaluate_vectors` — exact top-k + metrics in one call (per-epoch validation).
+  recommended (properties of the top-k lists, not of the test set).
 
-Ties are broken deterministically by **lower item id first** (in :func:`topk_exact` and
-:func:`popularity_topk`). Item id -1 in a top-k matrix means "no result" (fewer candidates
-than k). Item id 0 is the out-of-vocabulary row: it may appear in test sets (it counts in the
-recall denominator) but can never be a hit.
+Item id -1 in a top-k matrix means "no result" (fewer candidates than k). Item id 0 is the
+out-of-vocabulary row: it may appear in test sets (it counts in the recall denominator) but
+can never be a hit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from pipeline.retrieval.topk import UserItems, sorted_catalogue
 
 __all__ = [
-    "UserItems",
     "bucket_recall",
     "coverage",
-    "evaluate_vectors",
     "per_user_ranking_metrics",
     "per_user_recall_ndcg",
     "popularity_bias",
-    "popularity_topk",
     "ranking_metrics",
     "recall_ndcg",
-    "topk_scored",
-    "topk_exact",
-    "topk_index",
-    "topk_overlap",
 ]
-
-
-# -- per-user item sets ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class UserItems:
-    """Per-row item-id sets in CSR form: row ``r`` holds ``indices[indptr[r]:indptr[r + 1]]``.
-
-    Rows are query rows (the rows of a user-vector matrix), not necessarily user ids. Items
-    are sorted within each row (the constructor sorts them if needed), which makes the keys
-    ``row * stride + item`` globally sorted and membership a ``searchsorted``.
-    """
-
-    indptr: np.ndarray  # (n_rows + 1,) int64
-    indices: np.ndarray  # (nnz,) int64 item ids
-
-    def __post_init__(self) -> None:
-        indptr = np.ascontiguousarray(self.indptr, dtype=np.int64)
-        indices = np.ascontiguousarray(self.indices, dtype=np.int64)
-        if indptr.ndim != 1 or indptr.size < 1 or indptr[0] != 0 or indptr[-1] != indices.size:
-            raise ValueError("indptr must be 1-d, start at 0 and end at len(indices)")
-        if (np.diff(indptr) < 0).any():
-            raise ValueError("indptr must be non-decreasing")
-        if indices.size and indices.min() < 0:
-            raise ValueError("item ids must be non-negative")
-        rows = self.row_of_entries(indptr)
-        if indices.size > 1:
-            unsorted = (np.diff(rows) == 0) & (np.diff(indices) < 0)
-            if unsorted.any():
-                indices = indices[np.lexsort((indices, rows))]
-        object.__setattr__(self, "indptr", indptr)
-        object.__setattr__(self, "indices", indices)
-
-    # construction
-    @classmethod
-    def from_pairs(
-        cls, rows: np.ndarray, items: np.ndarray, n_rows: int, unique: bool = True
-    ) -> UserItems:
-        """Sets from (row, item) pairs; rows must lie in [0, n_rows).
-
-        With ``unique`` repeated (row, item) pairs are merged, except item 0: every unknown
-        (out-of-vocabulary) test item maps to 0, so each occurrence is a distinct item and kept.
-        """
-        r = np.asarray(rows, dtype=np.int64)
-        it = np.asarray(items, dtype=np.int64)
-        if r.shape != it.shape or r.ndim != 1:
-            raise ValueError(f"rows and items must be 1-d of one length, got {r.shape}, {it.shape}")
-        if r.size and (r.min() < 0 or r.max() >= n_rows):
-            raise ValueError(f"rows must lie in [0, {n_rows})")
-        order = np.lexsort((it, r))
-        r, it = r[order], it[order]
-        if unique and r.size > 1:
-            dup = np.zeros(r.size, dtype=bool)
-            dup[1:] = (r[1:] == r[:-1]) & (it[1:] == it[:-1]) & (it[1:] != 0)
-            r, it = r[~dup], it[~dup]
-        indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=n_rows), out=indptr[1:])
-        return cls(indptr, it)
-
-    @classmethod
-    def for_users(
-        cls,
-        query_users: np.ndarray,
-        event_users: np.ndarray,
-        event_items: np.ndarray,
-        unique: bool = True,
-    ) -> UserItems:
-        """Sets whose row ``r`` holds the items of events by user ``query_users[r]``.
-
-        Events of users not in ``query_users`` are dropped. ``query_users`` must be unique.
-        """
-        q = np.asarray(query_users, dtype=np.int64)
-        eu = np.asarray(event_users, dtype=np.int64)
-        ei = np.asarray(event_items, dtype=np.int64)
-        sorter = np.argsort(q, kind="stable")
-        qs = q[sorter]
-        if qs.size > 1 and (np.diff(qs) == 0).any():
-            raise ValueError("query_users must be unique")
-        pos = np.searchsorted(qs, eu)
-        pos_c = np.minimum(pos, max(qs.size - 1, 0))
-        found = (pos < qs.size) & (qs[pos_c] == eu) if qs.size else np.zeros(eu.size, bool)
-        return cls.from_pairs(sorter[pos_c[found]], ei[found], q.size, unique=unique)
-
-    # views
-    @property
-    def n_rows(self) -> int:
-        return self.indptr.size - 1
-
-    def __len__(self) -> int:
-        return self.n_rows
-
-    def counts(self) -> np.ndarray:
-        """(n_rows,) number of items in each row."""
-        return np.diff(self.indptr)
-
-    def row(self, r: int) -> np.ndarray:
-        """The item ids of row ``r`` (sorted)."""
-        return self.indices[self.indptr[r] : self.indptr[r + 1]]
-
-    @staticmethod
-    def row_of_entries(indptr: np.ndarray) -> np.ndarray:
-        """(nnz,) the row of each stored entry."""
-        return np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
-
-    def take(self, rows: np.ndarray) -> UserItems:
-        """A new set over the selected rows, in the given order (vectorised gather)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        counts = self.counts()[rows]
-        indptr = np.zeros(rows.size + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        shift = np.repeat(self.indptr[rows] - indptr[:-1], counts)
-        gather = np.arange(indptr[-1], dtype=np.int64) + shift
-        return UserItems(indptr, self.indices[gather])
-
-    def select(self, keep: np.ndarray) -> UserItems:
-        """A new set with only the entries where ``keep`` (nnz,) is true; rows are kept."""
-        keep = np.asarray(keep, dtype=bool)
-        if keep.shape != self.indices.shape:
-            raise ValueError(f"keep must have shape {self.indices.shape}, got {keep.shape}")
-        counts = np.bincount(self.row_of_entries(self.indptr)[keep], minlength=self.n_rows)
-        indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        return UserItems(indptr, self.indices[keep])
-
-    def slice(self, start: int, stop: int) -> UserItems:
-        """Rows ``start:stop`` as a new set (no copy of the other rows)."""
-        lo, hi = self.indptr[start], self.indptr[stop]
-        return UserItems(self.indptr[start : stop + 1] - lo, self.indices[lo:hi])
-
-    def locate(self, items: np.ndarray) -> np.ndarray:
-        """(R, M) int64: where ``items[r, j]`` sits in ``indices`` (within row ``r``), else -1.
-
-        Negative ids (-1 = none) are never found. For a repeated id (unknown item 0) one of
-        its positions is returned.
-        """
-        items = np.asarray(items, dtype=np.int64)
-        if items.ndim != 2 or items.shape[0] != self.n_rows:
-            raise ValueError(f"items must have shape ({self.n_rows}, M), got {items.shape}")
-        if self.indices.size == 0 or items.size == 0:
-            return np.full(items.shape, -1, dtype=np.int64)
-        stride = int(max(self.indices.max(), items.max())) + 1
-        keys = self.row_of_entries(self.indptr) * stride + self.indices  # sorted
-        q = np.arange(self.n_rows, dtype=np.int64)[:, None] * stride + items  # (R, M)
-        pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)
-        return np.where((keys[pos] == q) & (items >= 0), pos, -1)
-
-    def contains(self, items: np.ndarray) -> np.ndarray:
-        """(R, M) bool: is ``items[r, j]`` in row ``r``? Negative ids (-1 = none) are never in."""
-        return self.locate(items) >= 0
-
-
-# -- top-k with masking -----------------------------------------------------------------------
-def _as_tensor(x: np.ndarray) -> torch.Tensor:
-    # writable: torch refuses to share read-only buffers (e.g. arrays viewed from polars)
-    return torch.from_numpy(np.require(x, dtype=np.float32, requirements=["C", "W"]))
-
-
-def _sorted_catalogue(
-    item_ids: np.ndarray, *arrays: np.ndarray
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Sort the catalogue by item id (column order = id order, the tie-break order)."""
-    ids = np.asarray(item_ids, dtype=np.int64)
-    if ids.ndim != 1:
-        raise ValueError(f"item_ids must be 1-d, got shape {ids.shape}")
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    if ids.size > 1 and (np.diff(ids) == 0).any():
-        raise ValueError("item_ids must be unique")
-    for a in arrays:
-        if len(a) != ids.size:
-            raise ValueError(f"item arrays must have {ids.size} rows to match item_ids")
-    return ids, [np.asarray(a)[order] for a in arrays]
-
-
-def _exclusion_coords(
-    exclude: UserItems, start: int, stop: int, sorted_ids: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) within a batch of the excluded items that are in the catalogue."""
-    lo, hi = exclude.indptr[start], exclude.indptr[stop]
-    ids = exclude.indices[lo:hi]
-    rows = np.repeat(np.arange(stop - start), np.diff(exclude.indptr[start : stop + 1]))
-    cols = np.searchsorted(sorted_ids, ids)
-    cols_c = np.minimum(cols, sorted_ids.size - 1)
-    keep = (cols < sorted_ids.size) & (sorted_ids[cols_c] == ids)
-    return torch.from_numpy(rows[keep]), torch.from_numpy(cols_c[keep])
-
-
-def _topk_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, k) columns of each row's k largest finite scores; ties -> lower column; -1 padding.
-
-    ``torch.topk`` gives no order among equal scores, so ties are fixed up explicitly. One
-    extra column is fetched: when the (k+1)-th score equals the k-th, a tie may straddle the
-    cut and, for those rows only, the lowest tied columns are taken. Then each row is ordered
-    by (score desc, column asc). Columns scored -inf (excluded) are returned as -1.
-    """
-    b, n = scores.shape
-    kk = min(k, n)
-    out = torch.full((b, k), -1, dtype=torch.int64)
-    if kk == 0 or b == 0:
-        return out
-    vals, cols = torch.topk(scores, min(kk + 1, n), dim=1, largest=True, sorted=True)
-    if vals.shape[1] > kk:
-        straddle = (vals[:, kk - 1] == vals[:, kk]) & torch.isfinite(vals[:, kk - 1])
-        vals, cols = vals[:, :kk], cols[:, :kk].clone()
-        bad = torch.nonzero(straddle).squeeze(1)  # (Bb,) rows to fix, usually none
-        if bad.numel():
-            thr = vals[bad, kk - 1 :]  # (Bb, 1) the k-th score
-            n_in = (vals[bad] == thr).sum(1)  # tied columns that made the cut
-            tied = scores[bad] == thr  # (Bb, N) all tied columns
-            rank = tied.cumsum(1)  # 1-based rank of each tied column, in column order
-            r, c = torch.nonzero(tied & (rank <= n_in[:, None]), as_tuple=True)
-            slot = (kk - n_in)[r] + rank[r, c] - 1  # the tied slots are the last n_in
-            cols[bad[r], slot] = c
-    cols, perm = cols.sort(dim=1)  # column ascending ...
-    vals = vals.gather(1, perm)
-    vals, order = vals.sort(dim=1, descending=True, stable=True)  # ... kept within equal scores
-    cols = cols.gather(1, order)
-    cols[vals == float("-inf")] = -1
-    out[:, :kk] = cols
-    return out
-
-
-def _masked_topk(
-    score_batch,
-    n_users: int,
-    sorted_ids: np.ndarray,
-    exclude: UserItems | None,
-    k: int,
-    batch_size: int,
-) -> np.ndarray:
-    """Run ``score_batch(start, stop, out) -> (B, N) scores`` per batch, mask, top-k, map to ids."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if exclude is not None and exclude.n_rows != n_users:
-        raise ValueError(f"exclude has {exclude.n_rows} rows, expected one per user ({n_users})")
-    out = np.full((n_users, k), -1, dtype=np.int64)
-    if sorted_ids.size == 0 or n_users == 0:
-        return out
-    buf = torch.empty((min(batch_size, n_users), sorted_ids.size))  # (B, N), reused
-    with torch.inference_mode():
-        for start in range(0, n_users, batch_size):
-            stop = min(start + batch_size, n_users)
-            scores = score_batch(start, stop, buf[: stop - start])  # (B, N)
-            if exclude is not None:
-                r, c = _exclusion_coords(exclude, start, stop, sorted_ids)
-                scores[r, c] = float("-inf")
-            cols = _topk_columns(scores, k).numpy()  # (B, k)
-            out[start:stop] = np.where(cols >= 0, sorted_ids[np.maximum(cols, 0)], -1)
-    return out
-
-
-def _first_unexcluded(
-    found: np.ndarray, exclude: UserItems | None, rows: np.ndarray, k: int
-) -> np.ndarray:
-    """(B, k): per row, the first k ids of ``found`` (B, M) that are >= 0 and not excluded."""
-    valid = found >= 0
-    if exclude is not None:
-        valid &= ~exclude.take(rows).contains(found)
-    first = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # valid ones, in rank order
-    res = np.take_along_axis(found, first, 1)
-    res[~np.take_along_axis(valid, first, 1)] = -1
-    return res
-
-
-def topk_exact(
-    user_vecs: np.ndarray,
-    item_vecs: np.ndarray,
-    item_ids: np.ndarray,
-    exclude: UserItems | None,
-    k: int,
-    batch_size: int = 1024,
-    metric: str = "ip",
-) -> np.ndarray:
-    """Exact top-k item ids per user by brute force (the reference every index is tested on).
-
-    Args:
-        user_vecs: (U, D) query vectors.
-        item_vecs: (N, D) item vectors; item_ids: (N,) their unique ids.
-        exclude: per-user ids never returned (the user's training items), over the U rows.
-        k: results per user; batch_size: users scored per matmul.
-        metric: "ip" scores u·v; "l2" scores -||u - v||² (ranked as 2 u·v - ||v||²).
-
-    Returns (U, k) int64 item ids, best first; ties -> lower item id first; -1 when fewer
-    than k items are left after exclusion.
-    """
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    ids, (iv,) = _sorted_catalogue(item_ids, item_vecs)
-    items = _as_tensor(iv)  # (N, D)
-    users = _as_tensor(user_vecs)  # (U, D)
-    if users.ndim != 2 or items.ndim != 2 or (ids.size and users.shape[1] != items.shape[1]):
-        raise ValueError(
-            f"dimension mismatch: users {tuple(users.shape)}, items {tuple(items.shape)}"
-        )
-    items_t = items.t().contiguous()  # (D, N)
-    sq_norms = (items * items).sum(1) if metric == "l2" else None  # (N,)
-
-    def score_batch(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        s = torch.mm(users[start:stop], items_t, out=out)  # (B, N)
-        if sq_norms is not None:
-            s.mul_(2.0).sub_(sq_norms)  # -||u-v||² + ||u||² (constant per row)
-        return s
-
-    return _masked_topk(score_batch, users.shape[0], ids, exclude, k, batch_size)
-
-
-def topk_scored(
-    score_batch: Callable[[int, int, np.ndarray], np.ndarray],
-    n_users: int,
-    item_ids: np.ndarray,
-    exclude: UserItems | None,
-    k: int,
-    batch_size: int = 1024,
-) -> np.ndarray:
-    """Top-k item ids per user from any batched scorer (e.g. the item-kNN baseline).
-
-    ``score_batch(start, stop, out)`` returns the (stop - start, N) float32 scores of users
-    ``start:stop`` against ``item_ids`` (N,), which must be sorted ascending (column j scores
-    ``item_ids[j]``); it may fill and return ``out`` (a buffer of that shape) to save a copy.
-    Masking, tie-breaking (lower id first) and -1 padding are those of :func:`topk_exact`, so
-    a scorer equal to the dot products gives the same result.
-    """
-    ids = np.asarray(item_ids, dtype=np.int64)
-    if ids.ndim != 1 or (ids.size > 1 and (np.diff(ids) <= 0).any()):
-        raise ValueError("item_ids must be 1-d, unique and sorted ascending (the score columns)")
-
-    def scores(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        buf = out.numpy()  # shares memory with ``out``
-        s = score_batch(start, stop, buf)
-        if s is not buf:
-            s = np.asarray(s)
-            if s.shape != buf.shape:
-                raise ValueError(f"score_batch returned shape {s.shape}, expected {buf.shape}")
-            buf[...] = s
-        return out
-
-    return _masked_topk(scores, n_users, ids, exclude, k, batch_size)
-
-
-def popularity_topk(
-    popularity: np.ndarray,
-    item_ids: np.ndarray,
-    exclude: UserItems | None,
-    k: int,
-    batch_size: int = 1024,
-) -> np.ndarray:
-    """The k most popular items each user has not seen: (U, k) ids, U = ``exclude.n_rows``.
-
-    ``popularity`` (N,) is the score of each of ``item_ids`` (e.g. train+valid counts); ties
-    -> lower item id first, as in :func:`topk_exact` (and equal to it with every user scoring
-    ``popularity``). Every user shares one ranking, so instead of scoring (U, N) matrices each
-    batch takes the global ranking's first ``k + (largest exclusion count in the batch)``
-    items and drops the excluded ones, as :func:`topk_index` does.
-    """
-    if exclude is None:
-        raise ValueError("popularity_topk needs exclude (it defines the users)")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    ids, (pop,) = _sorted_catalogue(item_ids, popularity)
-    ranked = ids[np.argsort(-np.asarray(pop, dtype=np.float64), kind="stable")]  # (N,)
-    return _ranked_topk(
-        lambda rows, m: np.broadcast_to(ranked[:m], (rows.size, m)),
-        exclude.n_rows,
-        ids.size,
-        exclude,
-        k,
-        batch_size,
-    )
-
-
-def _ranked_topk(
-    search,
-    n_users: int,
-    ntotal: int,
-    exclude: UserItems | None,
-    k: int,
-    batch_size: int,
-) -> np.ndarray:
-    """Batches of users by exclusion count; ``search(rows, m) -> (B, m) ids``; drop excluded."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if exclude is not None and exclude.n_rows != n_users:
-        raise ValueError(f"exclude has {exclude.n_rows} rows, expected one per user ({n_users})")
-    out = np.full((n_users, k), -1, dtype=np.int64)
-    if ntotal == 0 or n_users == 0:
-        return out
-    counts = exclude.counts() if exclude is not None else np.zeros(n_users, np.int64)
-    order = np.argsort(counts, kind="stable")
-    fetch = k + counts[order]  # (U,) results each user needs, ascending
-    start = 0
-    while start < n_users:
-        # a batch ends at batch_size users, or before a user needing over twice the first's
-        # fetch, so one heavy user never makes a whole batch over-fetch a lot
-        stop = int(np.searchsorted(fetch, 2 * fetch[start], side="right"))
-        stop = max(start + 1, min(stop, start + batch_size))
-        rows = order[start:stop]
-        m = int(min(fetch[stop - 1], ntotal))
-        found = np.asarray(search(rows, m), dtype=np.int64)  # (B, m), -1 = none
-        res = _first_unexcluded(found, exclude, rows, k)
-        out[rows, : res.shape[1]] = res
-        start = stop
-    return out
-
-
-def topk_index(
-    index,
-    user_vecs: np.ndarray,
-    exclude: UserItems | None,
-    k: int,
-    batch_size: int = 4096,
-) -> np.ndarray:
-    """Top-k item ids per user through a FAISS ``index`` whose ids are item ids.
-
-    Each batch asks the index for ``k + (largest exclusion count in the batch)`` results, drops
-    the excluded ids and keeps the first k. Users are batched in order of exclusion count (a
-    batch never spans more than a 2x range of fetch sizes) so one heavy user does not inflate
-    everyone's search. ``batch_size`` is the most queries per ``index.search`` call: FAISS'
-    BLAS path works in blocks of 4096 queries and is ~2x slower per query with 1024-query
-    calls. Returns (U, k) int64, -1 = no result. The order among equal scores is the index's.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    x = np.ascontiguousarray(user_vecs, dtype=np.float32)  # (U, D)
-
-    def search(rows: np.ndarray, m: int) -> np.ndarray:
-        return index.search(x[rows], m)[1]  # (B, m) ids
-
-    return _ranked_topk(search, x.shape[0], int(index.ntotal), exclude, k, batch_size)
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -532,12 +89,22 @@ def _recall_ndcg_from_hits(
     return out
 
 
+def _user_means(
+    per_user: Callable[[np.ndarray, UserItems, Sequence[int]], dict[str, np.ndarray]],
+    topk: np.ndarray,
+    truth: UserItems,
+    ks: Sequence[int],
+    what: str,
+) -> dict[str, float]:
+    """Means of the per-user metrics over users with >= 1 test item (NaN rows skipped)."""
+    if not (truth.counts() > 0).any():
+        raise ValueError(f"no user has a test item: {what} undefined")
+    return {name: float(np.nanmean(v)) for name, v in per_user(topk, truth, ks).items()}
+
+
 def recall_ndcg(topk: np.ndarray, truth: UserItems, ks: Sequence[int]) -> dict[str, float]:
     """Mean recall@k and NDCG@k over users with >= 1 test item (keys "recall@k", "ndcg@k")."""
-    if not (truth.counts() > 0).any():
-        raise ValueError("no user has a test item: recall and NDCG are undefined")
-    per_user = per_user_recall_ndcg(topk, truth, ks)
-    return {name: float(np.nanmean(v)) for name, v in per_user.items()}
+    return _user_means(per_user_recall_ndcg, topk, truth, ks, "recall and NDCG are")
 
 
 def per_user_ranking_metrics(
@@ -571,10 +138,7 @@ def per_user_ranking_metrics(
 
 def ranking_metrics(topk: np.ndarray, truth: UserItems, ks: Sequence[int]) -> dict[str, float]:
     """Means of :func:`per_user_ranking_metrics` over users with >= 1 test item."""
-    if not (truth.counts() > 0).any():
-        raise ValueError("no user has a test item: the ranking metrics are undefined")
-    per_user = per_user_ranking_metrics(topk, truth, ks)
-    return {name: float(np.nanmean(v)) for name, v in per_user.items()}
+    return _user_means(per_user_ranking_metrics, topk, truth, ks, "the ranking metrics are")
 
 
 def bucket_recall(
@@ -636,7 +200,7 @@ def popularity_bias(
     model's lists are. NaN when no slot holds an item.
     """
     topk = np.asarray(topk, dtype=np.int64)
-    ids, (pop,) = _sorted_catalogue(item_ids, np.asarray(popularity, dtype=np.float64))
+    ids, (pop,) = sorted_catalogue(item_ids, np.asarray(popularity, dtype=np.float64))
     flat = topk.ravel()
     pos = np.minimum(np.searchsorted(ids, flat), max(ids.size - 1, 0))
     found = (ids[pos] == flat) if ids.size else np.zeros(flat.size, bool)
@@ -651,45 +215,3 @@ def popularity_bias(
             float(value[:, :k][valid[:, :k]].sum() / n) if n else float("nan")
         )
     return out
-
-
-def topk_overlap(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean share of each row's exact top-k ids found in its approximate top-k (ANN recall).
-
-    Rows whose exact top-k is empty (all -1) are skipped; NaN when every row is.
-    """
-    approx = np.asarray(approx, dtype=np.int64)[:, :k]
-    exact = np.asarray(exact, dtype=np.int64)[:, :k]
-    if approx.shape[0] != exact.shape[0]:
-        raise ValueError("approx and exact must have one row per user each")
-    rows, cols = np.nonzero(exact >= 0)
-    ref = UserItems.from_pairs(rows, exact[rows, cols], exact.shape[0], unique=True)
-    n_ref = ref.counts()
-    found = (ref.contains(approx) & (approx >= 0)).sum(1)
-    ok = n_ref > 0
-    return float(np.mean(found[ok] / n_ref[ok])) if ok.any() else float("nan")
-
-
-def evaluate_vectors(
-    user_vecs: np.ndarray,
-    item_vecs: np.ndarray,
-    item_ids: np.ndarray,
-    truth: UserItems,
-    exclude: UserItems | None,
-    ks: Sequence[int],
-    metric: str = "ip",
-    user_rows: np.ndarray | None = None,
-    batch_size: int = 1024,
-) -> dict[str, float]:
-    """Exact recall@k / NDCG@k of user vectors against item vectors (per-epoch validation).
-
-    ``truth`` and ``exclude`` are indexed by ``user_rows[r]`` for row ``r`` of ``user_vecs``
-    (e.g. CSR sets over all user ids built once, and a subset of users embedded each epoch);
-    with ``user_rows=None`` they are over the rows of ``user_vecs`` directly.
-    """
-    if user_rows is not None:
-        rows = np.asarray(user_rows, dtype=np.int64)
-        truth = truth.take(rows)
-        exclude = exclude.take(rows) if exclude is not None else None
-    top = topk_exact(user_vecs, item_vecs, item_ids, exclude, max(ks), batch_size, metric)
-    return recall_ndcg(top, truth, ks)

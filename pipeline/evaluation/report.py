@@ -4,7 +4,8 @@ Built from the run directory only, so ``twotower report RUN`` can rebuild it at 
 
 * EVAL_SUMMARY — every figure (written by the evaluate stage, which then calls
   :func:`write_report`);
-* INDEX_SWEEP, when the index stage tuned the index — ANN recall vs latency per setting;
+* INDEX_SWEEP, when the index stage tuned the index — ANN recall vs latency per setting
+  (the index stage's own table cells and plot, :mod:`pipeline.retrieval.tuning`);
 * ITEM_EMBEDDINGS + ITEM_FEATURES — the 2-D UMAP map of items coloured by popularity bucket
   (``eval.umap``; the slow part, ~30 s for 5,000 items, and the only one importing umap).
 
@@ -48,6 +49,7 @@ from pipeline.evaluation.breakdown import (
     popularity_thresholds,
     read_popularity,
 )
+from pipeline.retrieval import tuning
 
 __all__ = [
     "LABELS",
@@ -71,7 +73,6 @@ LABELS = {
 }
 _SHORT = {"index": "model, index", "exact": "model, exact", "item_knn": "item-kNN"}
 METRICS = ("recall", "ndcg", "mrr", "hit_rate", "precision", "coverage", "popularity_bias")
-_SWEEP_ROW_KEYS = ("value", "ann_recall", "ms_per_query", "qps")
 _BUCKET_COLOURS = {
     "head": "#d62728",
     "torso": "#ff7f0e",
@@ -109,18 +110,14 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 
 def read_sweep(path: Path) -> dict[str, Any] | None:
-    """INDEX_SWEEP when it exists (None otherwise), checked for the keys the report reads."""
+    """INDEX_SWEEP when it exists (None otherwise), checked by :func:`tuning.check_sweep`."""
     if not path.is_file():
         return None
     doc = read_json(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
-        raise ArtifactError(f"{path}: missing key 'rows' (a list of sweep points)")
-    if "k" not in doc:
-        raise ArtifactError(f"{path}: missing key 'k'")
-    for i, row in enumerate(doc["rows"]):
-        for key in _SWEEP_ROW_KEYS:
-            if not isinstance(row, dict) or not isinstance(row.get(key), int | float):
-                raise ArtifactError(f"{path}: rows[{i}] lacks a number under key '{key}'")
+    try:
+        tuning.check_sweep(doc, path)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
     return doc
 
 
@@ -303,27 +300,11 @@ def _health_sections(summary: dict[str, Any], plots: dict[str, str]) -> list[Sec
 
 
 def _sweep_section(sweep: dict[str, Any], plots: dict[str, str]) -> Section:
-    param, chosen = sweep.get("param"), sweep.get("chosen")
-    rows = []
-    for r in sweep["rows"]:
-        mark = " (chosen)" if chosen is not None and r["value"] == chosen else ""
-        rows.append(
-            [
-                f"{r['value']}{mark}",
-                _f(float(r["ann_recall"])),
-                _f(float(r["ms_per_query"]), 3),
-                _f(float(r["qps"]), 0),
-            ]
-        )
+    header, rows = tuning.sweep_cells(sweep)
     return Section(
         "ANN: recall vs latency",
-        [
-            f"From `{INDEX_SWEEP}`: index `{sweep.get('factory')}`, {param or 'no'} parameter "
-            f"swept, ANN recall@{sweep['k']} against exact search on "
-            f"{_f(sweep.get('n_queries'))} queries, target {_f(sweep.get('target'), 3)}, "
-            f"chosen {chosen if chosen is not None else '—'}."
-        ],
-        [param or "setting", f"ANN recall@{sweep['k']}", "ms / query", "QPS"],
+        [f"From `{INDEX_SWEEP}`, index `{sweep['factory']}`: {tuning.sweep_summary(sweep)}"],
+        header,
         rows,
         [(plots["ann"], "ANN recall vs latency")] if "ann" in plots else [],
     )
@@ -480,29 +461,6 @@ def plot_breakdown(summary: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_ann(sweep: dict[str, Any], path: Path) -> None:
-    """ANN recall@k against ms per query, one point per setting, the chosen one marked."""
-    from matplotlib.figure import Figure
-
-    rows = sweep["rows"]
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    ax.plot([r["ms_per_query"] for r in rows], [r["ann_recall"] for r in rows], "o-")
-    for r in rows:
-        ax.annotate(str(r["value"]), (r["ms_per_query"], r["ann_recall"]), fontsize="small")
-    chosen = [r for r in rows if sweep.get("chosen") is not None and r["value"] == sweep["chosen"]]
-    if chosen:
-        ax.plot(chosen[0]["ms_per_query"], chosen[0]["ann_recall"], "r*", ms=14, label="chosen")
-        ax.legend()
-    if sweep.get("target") is not None:
-        ax.axhline(float(sweep["target"]), color="grey", ls=":", lw=1)
-    ax.set_xlabel("ms per query")
-    ax.set_ylabel(f"ANN recall@{sweep['k']}")
-    ax.set_title(f"{sweep.get('factory')}: {sweep.get('param') or 'setting'} sweep")
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-
-
 def plot_map(coords: np.ndarray, buckets: np.ndarray, path: Path) -> None:
     """Scatter of 2-D item coordinates coloured by popularity bucket (head drawn on top)."""
     from matplotlib.figure import Figure
@@ -557,7 +515,7 @@ def write_report(
         plot_breakdown(summary, run.path(EVAL_PLOT_BREAKDOWN))
         plots["breakdown"] = EVAL_PLOT_BREAKDOWN
     if sweep is not None and sweep["rows"]:
-        plot_ann(sweep, run.path(EVAL_PLOT_ANN))
+        write_with(run.path(EVAL_PLOT_ANN), lambda tmp: tuning.plot_sweep(sweep, tmp))
         plots["ann"] = EVAL_PLOT_ANN
     if cfg.umap:
         _item_map(cfg, run, summary, run.path(EVAL_PLOT_MAP))

@@ -9,7 +9,7 @@ import polars as pl
 
 from pipeline.core.rundir import EVENTS, ArtifactError, RunDir, scan_parquet
 from pipeline.core.schemas import EVENTS_KINDS, SPLITS
-from pipeline.evaluation.metrics import UserItems
+from pipeline.retrieval.topk import UserItems
 
 EVENTS_COLUMNS = {k: EVENTS_KINDS[k] for k in ("user_idx", "item_idx", "split")}
 

@@ -48,6 +48,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.core.config import Config, TrackingConfig
+from pipeline.core.hashing import sha256
 from pipeline.core.rundir import (
     EVAL_SUMMARY,
     EVENTS,
@@ -64,7 +65,7 @@ from pipeline.core.rundir import (
     write_json,
 )
 from pipeline.core.schemas import EVENTS_KINDS, ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
-from pipeline.evaluation.metrics import UserItems, per_user_recall_ndcg, topk_index
+from pipeline.evaluation.metrics import per_user_recall_ndcg
 from pipeline.evaluation.truth import user_sets
 from pipeline.release.registry import (
     alias_bundle,
@@ -75,7 +76,7 @@ from pipeline.release.registry import (
     version_exists,
 )
 from pipeline.release.tracking import Tracker, resolve_uri
-from pipeline.core.hashing import sha256
+from pipeline.retrieval.topk import UserItems, topk_index
 from pipeline.serving.retriever import MANIFEST_FILE, Retriever
 
 ENCODE_BATCH = 8192  # known users encoded per user-tower call

@@ -3,7 +3,8 @@
 
 * :func:`auto_factory` / :func:`resolve_factory` — ``index.factory: auto`` by catalogue size;
 * :func:`build_index` — ``faiss.index_factory`` + train + add with our ids (+ GPUs when present);
-* :func:`save_index` / :func:`load_index` — atomic write, load with an error naming the file;
+* :func:`save_index` / :func:`load_index` — atomic write, load with an error naming the file
+  (serving loads a bundle's index through it too);
 * :func:`check_metric` — training, index and evaluation must agree on the metric (DESIGN.md);
 * :func:`set_search_params` — IVF ``nprobe``, HNSW ``efSearch``, refine ``k_factor``;
 
@@ -11,10 +12,10 @@ Index families are ``faiss.index_factory`` strings: exact ``Flat``; ``IVF{n},Fla
 ``IVF{n},PQ{m}x4fs,RFlat`` (fast-scan PQ, exact re-ranking of ``k_factor * k`` candidates);
 ``HNSW{M}``; compressed storage ``IVF{n},SQfp16`` / ``IVF{n},SQ8`` / ``SQ8``. (An 8-bit
 ``IVF{n},PQ{m}`` trains polysemous codes by default, which is slow: ``PQ{m}np`` skips it.)
-The search-time setting (``nprobe`` / ``efSearch``) is tuned by :mod:`pipeline.retrieval.tuning`, set
-on the index before it is saved (faiss stores it in the file) and recorded in INDEX_META;
-:func:`load_index` re-applies it from the meta, so evaluation and serving search the index
-the way it was tuned.
+The search-time setting (``nprobe`` / ``efSearch``) is tuned by
+:mod:`pipeline.retrieval.tuning`, set on the index before it is saved (faiss stores it in the
+file) and recorded in INDEX_META; :func:`load_index` re-applies it from the meta, so
+evaluation and serving search the index the way it was tuned.
 
 The same code runs with ``faiss-cpu`` and ``faiss-gpu``: every GPU symbol is looked up through
 :func:`num_gpus` / ``getattr`` so a CPU-only build never touches one.
@@ -36,6 +37,12 @@ from pipeline.core.rundir import (
 from pipeline.retrieval import tuning
 
 METRICS: dict[str, int] = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+# the search-time parameters: INDEX_META / config key -> faiss parameter name
+SEARCH_PARAMS: dict[str, str] = {
+    "nprobe": "nprobe",
+    "ef_search": "efSearch",
+    "refine_k_factor": "k_factor_rf",
+}
 _METRIC_NAMES = {"ip": "inner product", "l2": "L2 distance"}
 
 
@@ -266,8 +273,10 @@ def load_index(
     """Read an index written by :func:`save_index`; an error names the file if it is unusable.
 
     With ``meta`` (INDEX_META), the GPU options it records (``gpu_mode``, ``gpu_fp16``) are
-    used and its search parameters (``nprobe``, ``ef_search``, ``refine_k_factor``: the tuned
-    ones) are applied after the move, so evaluation and serving search as the stage tuned.
+    used and its search parameters (the keys of :data:`SEARCH_PARAMS`: ``nprobe``,
+    ``ef_search``, ``refine_k_factor``, the tuned ones) are applied after the move, so
+    evaluation and serving search as the stage tuned. Raises ArtifactError naming the file
+    when it is missing, not a FAISS index, or has no part a given parameter applies to.
     """
     p = Path(path)
     if not p.is_file():

@@ -1,18 +1,20 @@
 """ANN auto-tuning: what an approximate index loses, and its cheapest good-enough setting.
 
 Plain functions over numpy arrays and a faiss index (faiss ``contrib/evaluation.py`` style),
-every approximate result measured against an exact ``IndexFlat`` search:
+every approximate result measured by :func:`pipeline.retrieval.topk.ann_recall` against the
+exact top-k of the same queries (the index stage searches a ``Flat`` index with
+:func:`pipeline.retrieval.topk.topk_index` for it):
 
-* :func:`exact_topk` — the brute-force reference ids (``IndexFlatIP`` / ``IndexFlatL2``);
-* :func:`ann_recall` — ANN recall@k: mean share of each query's exact top-k found by the index;
 * :func:`tunable_param` / :func:`param_values` — the search-time knob of an index (IVF
   ``nprobe``, HNSW ``efSearch``) and the grid swept over it;
 * :func:`set_param` / :func:`get_param` — set or read that knob through IDMap / pre-transform /
   refine wrappers (``faiss.ParameterSpace``; ``GpuParameterSpace`` with faiss-gpu);
 * :func:`sweep` — recall, ms per query and QPS per setting; :func:`pick_cheapest` — the
   smallest setting whose recall reaches the target; :func:`tune` — sweep, pick and apply;
-* :func:`check_sweep`, :func:`sweep_table`, :func:`plot_sweep` — the ``index/sweep.json``
-  document (:data:`SWEEP_KEYS`, :data:`SWEEP_ROW_KEYS`), its markdown table and its PNG plot.
+* :func:`check_sweep`, :func:`sweep_summary`, :func:`sweep_cells`, :func:`sweep_table`,
+  :func:`plot_sweep` — the ``index/sweep.json`` document (:data:`SWEEP_KEYS`,
+  :data:`SWEEP_ROW_KEYS`), its summary line, table cells, markdown table and PNG plot (the
+  evaluation report shows the same cells and plot).
 
 Latency is that of one batched ``index.search`` over all queries with faiss' threads (as in
 faiss' own benchmarks): ms per query = batch seconds / queries * 1000, QPS = queries / seconds.
@@ -29,18 +31,20 @@ from typing import Any
 import faiss
 import numpy as np
 
+from pipeline.retrieval.topk import ann_recall
+
 __all__ = [
     "SWEEP_KEYS",
     "SWEEP_ROW_KEYS",
-    "ann_recall",
     "check_sweep",
-    "exact_topk",
     "get_param",
     "param_values",
     "pick_cheapest",
     "plot_sweep",
     "set_param",
     "sweep",
+    "sweep_cells",
+    "sweep_summary",
     "sweep_table",
     "tunable_param",
     "tune",
@@ -67,49 +71,6 @@ SWEEP_ROW_KEYS: dict[str, str] = {
 }
 PARAMS = ("nprobe", "efSearch")
 _GPU_NPROBE_MAX = 2048  # faiss-gpu IVF limit on nprobe
-
-
-# -- the exact reference and the recall ----------------------------------------------------
-def exact_topk(
-    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip"
-) -> np.ndarray:
-    """(Q, k) int64 ids of each query's exact top-k by brute force (-1 past the catalogue).
-
-    ``metric`` "ip" ranks by inner product, "l2" by L2 distance, as the index does.
-    """
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    x = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
-    q = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
-    if x.ndim != 2 or q.ndim != 2 or x.shape[1] != q.shape[1]:
-        raise ValueError(f"dimension mismatch: vectors {x.shape}, queries {q.shape}")
-    flat = faiss.IndexFlatIP(x.shape[1]) if metric == "ip" else faiss.IndexFlatL2(x.shape[1])
-    flat.add(x)
-    _, rows = flat.search(q, k)  # (Q, k) row numbers, -1 = none
-    ids = np.asarray(ids, dtype=np.int64)
-    return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-
-
-def ann_recall(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """ANN recall@k: mean over queries of |approx top-k ∩ exact top-k| / |exact top-k|.
-
-    Both are (Q, >=k) id matrices, best first, -1 = no result. Only the first k columns count;
-    a query whose exact top-k is empty (no items) is skipped; NaN when every query is.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    a = np.asarray(approx_ids, dtype=np.int64)[:, :k]  # (Q, k)
-    e = np.asarray(exact_ids, dtype=np.int64)[:, :k]  # (Q, k)
-    if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
-        raise ValueError(f"approx and exact need one row per query, got {a.shape} and {e.shape}")
-    valid = e >= 0  # (Q, k)
-    n_ref = valid.sum(1)  # (Q,)
-    found = np.zeros(a.shape[0], dtype=np.int64)
-    for s in range(0, a.shape[0], 1024):  # (B, k, k) comparisons per chunk
-        hit = (a[s : s + 1024, :, None] == e[s : s + 1024, None, :]) & valid[s : s + 1024, None]
-        found[s : s + 1024] = hit.any(1).sum(1)  # each exact id found at most once
-    ok = n_ref > 0
-    return float(np.mean(found[ok] / n_ref[ok])) if ok.any() else float("nan")
 
 
 # -- the knob of an index ------------------------------------------------------------------
@@ -228,7 +189,7 @@ def sweep(
 
     Args:
         index: a trained, filled faiss index whose ids are those in ``exact_ids``.
-        queries: (Q, D) query vectors; exact_ids: (Q, >=k) their exact top-k (exact_topk).
+        queries: (Q, D) query vectors; exact_ids: (Q, >=k) their exact top-k.
         param: "nprobe" / "efSearch", or None to measure the index as it is (one row,
             value 0; ``values`` is then ignored).
         values: settings, swept in increasing order (cost grows with the value).
@@ -333,35 +294,49 @@ def tune(
 
 
 # -- the sweep document, table and plot ----------------------------------------------------
-def check_sweep(doc: dict[str, Any], source: str | Path = "sweep") -> None:
-    """Raise ValueError naming ``source`` and the key when ``doc`` is not a sweep document."""
+def check_sweep(doc: Any, source: str | Path = "sweep") -> None:
+    """Raise ValueError naming ``source`` and the key when ``doc`` is not a sweep document.
+
+    Checks the keys (exactly :data:`SWEEP_KEYS`; each row exactly :data:`SWEEP_ROW_KEYS`, with
+    numbers), what :func:`sweep_table` and :func:`plot_sweep` read.
+    """
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     if set(doc) != set(SWEEP_KEYS):
         missing, extra = set(SWEEP_KEYS) - set(doc), set(doc) - set(SWEEP_KEYS)
         raise ValueError(f"{source}: sweep keys differ (missing {missing}, unexpected {extra})")
     if doc["param"] not in (*PARAMS, None):
         raise ValueError(f"{source}: 'param' is {doc['param']!r}, expected {PARAMS} or null")
+    if not isinstance(doc["rows"], list):
+        raise ValueError(f"{source}: 'rows' must be a list of sweep points")
     for i, row in enumerate(doc["rows"]):
-        if set(row) != set(SWEEP_ROW_KEYS):
+        if not isinstance(row, dict) or set(row) != set(SWEEP_ROW_KEYS):
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ValueError(
-                f"{source}: rows[{i}] keys are {sorted(row)}, expected {sorted(SWEEP_ROW_KEYS)}"
+                f"{source}: rows[{i}] keys are {got}, expected {sorted(SWEEP_ROW_KEYS)}"
             )
+        for key, value in row.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{source}: rows[{i}] has no number under '{key}'")
 
 
-def sweep_table(doc: dict[str, Any]) -> str:
-    """Markdown: a header line and one table row per setting, the chosen one in bold."""
+def sweep_summary(doc: dict[str, Any]) -> str:
+    """One line: catalogue, queries, metric, build time, what is measured and the chosen value."""
     param = doc["param"] or "setting"
     chosen = doc["chosen"]
-    lines = [
-        f"# Index sweep: `{doc['factory']}`",
-        "",
+    return (
         f"{doc['n_items']:,} items, {doc['n_queries']:,} queries, metric `{doc['metric']}`, "
         f"built in {doc['build_seconds']:.2f} s. ANN recall@{doc['k']} = overlap with the "
         f"exact top-{doc['k']}; target {doc['target']}; chosen {param} = "
-        f"{chosen if chosen is not None else 'n/a (nothing to tune)'}.",
-        "",
-        f"| {param} | ANN recall@{doc['k']} | ms / query | QPS |",
-        "|---:|---:|---:|---:|",
-    ]
+        f"{chosen if chosen is not None else 'n/a (nothing to tune)'}."
+    )
+
+
+def sweep_cells(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The sweep table as (header, rows of cells): one row per setting, the chosen in bold."""
+    chosen = doc["chosen"]
+    header = [doc["param"] or "setting", f"ANN recall@{doc['k']}", "ms / query", "QPS"]
+    rows = []
     for r in doc["rows"]:
         cells = [
             str(r["value"]),
@@ -371,7 +346,22 @@ def sweep_table(doc: dict[str, Any]) -> str:
         ]
         if chosen is not None and r["value"] == chosen:
             cells = [f"**{c}**" for c in cells]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return header, rows
+
+
+def sweep_table(doc: dict[str, Any]) -> str:
+    """Markdown: a title, :func:`sweep_summary` and the table of :func:`sweep_cells`."""
+    header, rows = sweep_cells(doc)
+    lines = [
+        f"# Index sweep: `{doc['factory']}`",
+        "",
+        sweep_summary(doc),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
 
 

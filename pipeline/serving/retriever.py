@@ -30,7 +30,9 @@ import polars as pl
 import torch
 
 from pipeline.core.hashing import sha256
-from pipeline.evaluation.metrics import UserItems, topk_index
+from pipeline.core.rundir import ArtifactError
+from pipeline.retrieval.index import SEARCH_PARAMS, load_index
+from pipeline.retrieval.topk import UserItems, topk_index
 from pipeline.serving.onnx import input_names, onnx_session, run_onnx
 from pipeline.serving.transforms import OOV, padded
 
@@ -88,30 +90,33 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_index(bundle: Path, manifest: dict[str, Any]) -> faiss.Index:
+def load_bundle_index(bundle: Path, manifest: dict[str, Any]) -> faiss.Index:
     """The bundle's FAISS index, checked against the manifest (dim, metric) and set up with the
     search parameters the manifest records (IVF ``nprobe``, HNSW ``efSearch``, refine
-    ``k_factor_rf``), so serving searches it as evaluation did."""
+    ``k_factor_rf``), so serving searches it as evaluation did.
+
+    Read and set up on CPU by :func:`pipeline.retrieval.index.load_index`; its errors (file
+    missing or unreadable, a parameter the index has nothing to apply to) become
+    :class:`BundleError`, naming the file.
+    """
     path = Path(bundle) / INDEX_FILE
+    search = manifest.get("index", {}).get("search", {})  # e.g. {"nprobe": 16}
+    key_of = {param: key for key, param in SEARCH_PARAMS.items()}
+    unknown = sorted(set(search) - set(key_of))
+    if unknown:
+        raise BundleError(
+            f"{path}: manifest sets {unknown}; the search parameters are {sorted(key_of)}"
+        )
     try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
-        raise BundleError(f"{path}: not a readable FAISS index ({first})") from None
+        index = load_index(path, gpu="never", meta={key_of[p]: v for p, v in search.items()})
+    except ArtifactError as exc:
+        raise BundleError(str(exc)) from None
     if index.d != manifest["dim"]:
         raise BundleError(f"{path}: index dim {index.d} != manifest dim {manifest['dim']}")
     if index.metric_type != _FAISS_METRICS[manifest["metric"]]:
         names = {v: k for k, v in _FAISS_METRICS.items()}
         got = names.get(index.metric_type, f"faiss metric {index.metric_type}")
         raise BundleError(f"{path}: index metric {got} != manifest metric {manifest['metric']}")
-    search = manifest.get("index", {}).get("search", {})
-    for param, value in search.items():  # e.g. {"nprobe": 16}, {"efSearch": 64}
-        try:
-            faiss.ParameterSpace().set_index_parameter(index, param, float(value))
-        except RuntimeError:
-            raise BundleError(
-                f"{path}: manifest sets {param}={value} but the index has nothing it applies to"
-            ) from None
     return index
 
 
@@ -156,7 +161,7 @@ class Retriever:
             self.manifest = verify_bundle(self.bundle)
         else:
             self.manifest = json.loads((self.bundle / MANIFEST_FILE).read_text())
-        self.index = load_index(self.bundle, self.manifest)
+        self.index = load_bundle_index(self.bundle, self.manifest)
         meta = json.loads((self.bundle / META_FILE).read_text())
         self.attr_names: list[str] = list(meta["user_attr_order"])
         specs = meta.get("user_attrs", {})
@@ -308,8 +313,8 @@ class Retriever:
     def _search(self, vec: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
         """(ids, scores) of the first k results of one (1, dim) query not in ``exclude``.
 
-        Fetches k + |exclude| results, as :func:`pipeline.evaluation.metrics.topk_index` does for one
-        user, so the ids equal offline evaluation's.
+        Fetches k + |exclude| results, as :func:`pipeline.retrieval.topk.topk_index` does for
+        one user, so the ids equal offline evaluation's.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -382,7 +387,7 @@ class Retriever:
     ) -> np.ndarray:
         """(U, k) item rows for known users in one batch (-1 where fewer than k remain).
 
-        The batch path of offline evaluation (:func:`pipeline.evaluation.metrics.topk_index`).
+        The batch path of offline evaluation (:func:`pipeline.retrieval.topk.topk_index`).
         """
         rows = self._rows(users)
         vecs = self.encode(self._known_inputs(rows))  # (U, dim)
@@ -399,7 +404,7 @@ __all__ = [
     "BundleError",
     "Recommendation",
     "Retriever",
-    "load_index",
+    "load_bundle_index",
     "sha256",
     "verify_bundle",
 ]

@@ -17,9 +17,9 @@ values of before. Beside them: breakdowns by user activity and test-item popular
 (:mod:`pipeline.evaluation.embedding_health`).
 
 Writes EVAL_SUMMARY (JSON), then the report (:mod:`pipeline.evaluation.report`: EVAL_REPORT
-markdown, EVAL_HTML and its PNG plots). The array-level work lives in :mod:`pipeline.evaluation.metrics`;
-:func:`evaluate_vectors` is re-exported here for callers that want the exact path only (e.g.
-per-epoch validation in training).
+markdown, EVAL_HTML and its PNG plots). The array-level work lives in
+:mod:`pipeline.retrieval.topk` (the rankings, and the ANN overlap of the index with exact
+search: :func:`pipeline.retrieval.topk.ann_recall`) and :mod:`pipeline.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ from pipeline.core.rundir import (
     read_json,
     write_json,
 )
-from pipeline.evaluation.baselines import interaction_matrix, item_knn_topk, item_similarity
+from pipeline.evaluation.baselines import (
+    interaction_matrix,
+    item_knn_topk,
+    item_similarity,
+    popularity_topk,
+)
 from pipeline.evaluation.breakdown import (
     activity_buckets,
     breakdown,
@@ -55,20 +60,12 @@ from pipeline.evaluation.breakdown import (
     read_popularity,
 )
 from pipeline.evaluation.embedding_health import embedding_health
-from pipeline.evaluation.metrics import (
-    UserItems,
-    coverage,
-    popularity_bias,
-    popularity_topk,
-    ranking_metrics,
-    topk_exact,
-    topk_index,
-    topk_overlap,
-)
+from pipeline.evaluation.metrics import coverage, popularity_bias, ranking_metrics
 from pipeline.evaluation.report import flat_metrics, write_report
 from pipeline.evaluation.truth import read_events, user_sets
 from pipeline.retrieval.embeddings import read_embed_meta, read_item_embeddings, read_vectors
 from pipeline.retrieval.index import check_metric, load_index, metric_name, set_search_params
+from pipeline.retrieval.topk import UserItems, ann_recall, topk_exact, topk_index
 
 __all__ = ["SOURCES", "evaluate_stage"]
 
@@ -180,7 +177,7 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
         src: _list_metrics(top, truth, item_ids, pop_train, ks) for src, top in tops.items()
     }
     for k in ks:
-        summary[f"ann_overlap@{k}"] = topk_overlap(tops["index"], tops["exact"], k)
+        summary[f"ann_overlap@{k}"] = ann_recall(tops["index"], tops["exact"], k)
     user_codes, cuts = activity_buckets(_activity(seen, users), cfg.activity_cuts)
     thresholds = popularity_thresholds(pop_train, cfg.popularity_shares)
     truth_codes = item_buckets_of(

@@ -61,6 +61,7 @@ from pipeline.core.rundir import (
     write_parquet,
 )
 from pipeline.core.schemas import EVENTS_KINDS, ITEM_VOCAB_KINDS, USER_VOCAB_KINDS
+from pipeline.retrieval.index import SEARCH_PARAMS
 from pipeline.serving.onnx import check_onnx, export_onnx, export_user_tower, input_names
 from pipeline.serving.retriever import (
     BUNDLE_FORMAT,
@@ -75,15 +76,6 @@ from pipeline.serving.retriever import (
 )
 from pipeline.training.batches import FeatureTensors, load_feature_tensors
 from pipeline.training.encoding import load_model
-
-# index meta key -> faiss search parameter: copied into the manifest's index.search when set,
-# re-applied by serving (they are saved in the index file too; the manifest makes them visible)
-INDEX_SEARCH_PARAMS = {
-    "nprobe": "nprobe",
-    "ef_search": "efSearch",
-    "efSearch": "efSearch",
-    "refine_k_factor": "k_factor_rf",
-}
 
 
 def _versions(with_onnx: bool) -> dict[str, str]:
@@ -126,9 +118,9 @@ def _index_params(index_meta: dict[str, Any], index_path: Path) -> dict[str, Any
         out["factory_config"] = index_meta["factory_config"]
     index = faiss.read_index(str(index_path))  # owns the C++ index while it is described
     out["type"] = _index_type(index)
-    out["search"] = {
+    out["search"] = {  # re-applied by serving (saved in the index file too; visible here)
         param: index_meta[key]
-        for key, param in INDEX_SEARCH_PARAMS.items()
+        for key, param in SEARCH_PARAMS.items()
         if index_meta.get(key) is not None
     }
     return out

@@ -40,6 +40,7 @@ from pipeline.retrieval.index import (
     save_index,
     set_search_params,
 )
+from pipeline.retrieval.topk import topk_index
 
 # -- the stage ------------------------------------------------------------------------------
 # Refine indexes ("...,RFlat"): exactly re-rank 16k PQ candidates (faiss' own default is 1,
@@ -111,7 +112,9 @@ def build_index_stage(cfg: IndexConfig, run: RunDir) -> StageRecord:
     if cfg.tune:
         tt = time.perf_counter()
         queries, source = tuning_queries(run, cfg.tune_queries, int(vecs.shape[1]), vecs)
-        exact = tuning.exact_topk(vecs, ids, queries, cfg.tune_k, cfg.metric)  # (Q, k)
+        flat = build_index(vecs, ids, "Flat", cfg.metric, gpu="never")  # the exact reference
+        exact = topk_index(flat, queries, None, cfg.tune_k, len(queries))  # (Q, k), one search
+        del flat
         param = tuning.tunable_param(index)
         fixed = {"nprobe": cfg.nprobe, "efSearch": cfg.ef_search}.get(param or "")
         param, chosen, rows, at = tuning.tune(

@@ -22,7 +22,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.core.config import TrainConfig, TrainSpec
 from pipeline.core.rundir import BEST_CHECKPOINT, CHECKPOINT, RunDir, write_with
-from pipeline.evaluation.metrics import UserItems, recall_ndcg, topk_exact
+from pipeline.evaluation.metrics import recall_ndcg
+from pipeline.retrieval.topk import UserItems, topk_exact
 from pipeline.training.batches import (
     FeatureTensors,
     iterate_batches,

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.evaluation.metrics import UserItems, topk_index
 from pipeline.retrieval.index import build_index, set_search_params
+from pipeline.retrieval.topk import UserItems, topk_index
 
 __all__ = [
     "HardNegativePool",
@@ -194,7 +194,7 @@ def mine_hard_negatives(
             Smaller: a uniform subsample of the window (seeded by ``seed``), in rank order.
         factory: FAISS index factory string ("Flat" = exact; an approximate index can miss
             candidates, which then leave empty slots or shift the window).
-        batch_size: most users per ``index.search`` call (see ``metrics.topk_index``).
+        batch_size: most users per ``index.search`` call (see ``topk.topk_index``).
         seed: seed of the subsample.
         nprobe: IVF lists visited per query for an IVF ``factory`` (None = faiss' default, 1).
 
@@ -202,8 +202,9 @@ def mine_hard_negatives(
     recomputed exactly as ``user_vec · item_vec`` in float32 (for a Flat index the same as its
     distances; for a compressed index, exact rather than its approximation), so they compare
     with positive scores computed from the same vectors. The index is built with
-    ``pipeline.retrieval.index.build_index``; ``metrics.topk_index`` searches it per batch of users for
-    ``rank_hi + (largest positive count in the batch)`` results and drops the positives.
+    ``pipeline.retrieval.index.build_index``; ``pipeline.retrieval.topk.topk_index`` searches it
+    per batch of users for ``rank_hi + (largest positive count in the batch)`` results and drops
+    the positives.
 
     Returns a :class:`HardNegativePool`; ``stats`` holds :func:`pool_stats` plus
     ``pos_score_mean`` (mean score of the (user, positive) pairs in the catalogue),

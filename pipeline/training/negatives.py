@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.core.config import LossConfig, NegativesConfig
-from pipeline.evaluation.metrics import UserItems
+from pipeline.retrieval.topk import UserItems
 from pipeline.training.mining import (
     HardNegativePool,
     mine_hard_negatives,

@@ -1,12 +1,17 @@
-"""Item-kNN against slow dense references on tiny matrices."""
+"""Item-kNN against slow dense references on tiny matrices; popularity against exact scoring."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.evaluation.baselines import interaction_matrix, item_knn_topk, item_similarity
-from pipeline.evaluation.metrics import UserItems
+from pipeline.evaluation.baselines import (
+    interaction_matrix,
+    item_knn_topk,
+    item_similarity,
+    popularity_topk,
+)
+from pipeline.retrieval.topk import UserItems, topk_exact
 
 
 def random_matrix(rng, n_users: int, n_items: int, density: float):
@@ -104,3 +109,33 @@ def test_item_knn_hand_case_and_errors():
         item_knn_topk(hist, sim, np.array([1, 9]), None, 2)
     with pytest.raises(ValueError, match="neighbours"):
         item_similarity(x, 0)
+
+
+# -- popularity ---------------------------------------------------------------------
+def sets(rows: list[list[int]]) -> UserItems:
+    r = np.repeat(np.arange(len(rows)), [len(x) for x in rows])
+    items = np.array([i for x in rows for i in x], dtype=np.int64)
+    return UserItems.from_pairs(r, items, len(rows), unique=False)
+
+
+def test_popularity_topk_hand_case():
+    ids = np.array([1, 2, 3, 4, 5, 6])
+    pop = np.array([5, 9, 5, 1, 9, 0])  # 2 and 5 tie at 9, 1 and 3 tie at 5
+    exclude = sets([[], [2], [5, 1], [1, 2, 3, 4, 5]])
+    got = popularity_topk(pop, ids, exclude, k=3)
+    assert got.tolist() == [[2, 5, 1], [5, 1, 3], [2, 3, 4], [6, -1, -1]]
+    with pytest.raises(ValueError, match="needs exclude"):
+        popularity_topk(pop, ids, None, k=3)
+
+
+def test_popularity_topk_matches_score_matrix_path():
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(300)[:120] + 1
+    pop = rng.integers(0, 8, ids.size)  # many ties
+    counts = rng.integers(0, 51, 40)
+    rows = np.repeat(np.arange(40), counts)
+    exclude = UserItems.from_pairs(rows, rng.choice(ids, size=rows.size), 40)
+    got = popularity_topk(pop, ids, exclude, k=20, batch_size=16)
+    # the same ranking as exact scoring with every user scoring "popularity"
+    want = topk_exact(np.ones((40, 1)), pop[:, None].astype(np.float32), ids, exclude, 20)
+    np.testing.assert_array_equal(got, want)

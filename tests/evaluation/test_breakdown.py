@@ -14,7 +14,7 @@ from pipeline.evaluation.breakdown import (
     popularity_buckets,
     popularity_thresholds,
 )
-from pipeline.evaluation.metrics import UserItems
+from pipeline.retrieval.topk import UserItems
 
 
 def sets(rows: list[list[int]]) -> UserItems:

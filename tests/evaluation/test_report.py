@@ -138,8 +138,9 @@ def test_markdown_holds_every_figure_of_the_summary():
     assert "cold <= 12 < medium <= 30 < heavy" in md and "pop >= 57" in md
     for v in ("0.8123", "1.0456", "-3.4567", "-3.7890"):
         assert v in md
-    assert "| 16 (chosen) | 0.9921 | 0.120 | 8333 |" in md
-    assert "| 4 | 0.9312 |" in md
+    # the sweep: the index stage's own table cells (tuning.sweep_cells), the chosen row in bold
+    assert "| **16** | **0.9921** | **0.1200** | **8,333** |" in md
+    assert "| 4 | 0.9312 |" in md and "chosen nprobe = 16" in md
     # without a sweep, breakdown or health: those sections are simply absent
     bare = {k: v for k, v in s.items() if k not in ("breakdown", "health", "item_knn")}
     md = to_markdown(sections(bare, None, {}))
@@ -175,7 +176,8 @@ def test_write_report_files_html_and_stale_plots(tmp_path):
     out = write_report(EvalConfig(ks=KS, umap=False), run)
     assert out["plot_ann"] == EVAL_PLOT_ANN and run.path(EVAL_PLOT_ANN).is_file()
     assert run.path(EVAL_HTML).read_text().count("data:image/png;base64,") == 3
-    assert "16 (chosen)" in run.path(EVAL_REPORT).read_text()
+    assert "| **16** |" in run.path(EVAL_REPORT).read_text()
+    assert "<b>16</b>" in run.path(EVAL_HTML).read_text()
     # the sweep is gone again: so is its plot
     run.path(INDEX_SWEEP).unlink()
     out = write_report(EvalConfig(ks=KS, umap=False), run)
@@ -193,12 +195,14 @@ def test_bad_inputs_name_file_and_key(tmp_path):
     bad = json.loads(json.dumps(SWEEP))
     del bad["rows"][1]["qps"]
     write_json(bad, run.path(INDEX_SWEEP))
-    with pytest.raises(
-        ArtifactError, match=r"sweep\.json: rows\[1\] lacks a number under key 'qps'"
-    ):
+    with pytest.raises(ArtifactError, match=r"sweep\.json: rows\[1\] keys are"):
+        read_sweep(run.path(INDEX_SWEEP))
+    bad["rows"][1]["qps"] = "fast"
+    write_json(bad, run.path(INDEX_SWEEP))
+    with pytest.raises(ArtifactError, match=r"sweep\.json: rows\[1\] has no number under 'qps'"):
         read_sweep(run.path(INDEX_SWEEP))
     write_json({"k": 20}, run.path(INDEX_SWEEP))
-    with pytest.raises(ArtifactError, match="sweep.json: missing key 'rows'"):
+    with pytest.raises(ArtifactError, match=r"sweep\.json: sweep keys differ \(missing .*'rows'"):
         read_sweep(run.path(INDEX_SWEEP))
     assert read_sweep(tmp_path / "no" / "sweep.json") is None
 

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.core.config import ConfigError, TrackingConfig, load_config
+from pipeline.core.hashing import sha256
 from pipeline.core.rundir import EVAL_SUMMARY, EVENTS, ITEM_VOCAB, RAW_USERS, RunDir, write_json
 from pipeline.release.gate import (
     GATE_DECISION,
@@ -31,7 +32,6 @@ from pipeline.release.gate import (
 )
 from pipeline.release.registry import RegistryError, alias_version, find_alias, version_bundle
 from pipeline.release.tracking import Tracker, search_runs
-from pipeline.core.hashing import sha256
 from pipeline.serving.retriever import Retriever, verify_bundle
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -1,4 +1,4 @@
-"""ANN recall, the sweep and the cheapest-setting pick, each against a brute-force reference."""
+"""The sweep and the cheapest-setting pick, each against a brute-force reference."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import pytest
 
 from pipeline.retrieval import tuning
 from pipeline.retrieval.index import build_index
+from pipeline.retrieval.topk import ann_recall, topk_index
 from pipeline.retrieval.tuning import (
     SWEEP_KEYS,
     SWEEP_ROW_KEYS,
-    ann_recall,
     check_sweep,
-    exact_topk,
     param_values,
     pick_cheapest,
     sweep,
@@ -40,54 +39,11 @@ def catalogue():
     return items, ids, queries
 
 
-def slow_recall(approx, exact, k):
-    """Per query: |set(approx[:k]) ∩ set(valid exact[:k])| / |valid exact[:k]|, averaged."""
-    shares = []
-    for a, e in zip(approx, exact, strict=True):
-        ref = {int(i) for i in e[:k] if i >= 0}
-        if ref:
-            shares.append(len(ref & {int(i) for i in a[:k]}) / len(ref))
-    return float(np.mean(shares)) if shares else float("nan")
-
-
-# -- ann_recall and the exact reference -----------------------------------------------------
-@pytest.mark.parametrize("k", [1, 5, 20])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ann_recall_matches_slow_reference(k, seed):
-    rng = np.random.default_rng(seed)
-    q, width = 300, 25
-    exact = np.stack([rng.permutation(60)[:width] for _ in range(q)]).astype(np.int64)
-    approx = np.stack([rng.permutation(60)[:width] for _ in range(q)]).astype(np.int64)
-    exact[rng.random(exact.shape) < 0.1] = -1  # short catalogues: -1 = no result
-    approx[rng.random(approx.shape) < 0.1] = -1
-    exact[0] = -1  # a query with no exact result is skipped
-    assert ann_recall(approx, exact, k) == pytest.approx(slow_recall(approx, exact, k))
-
-
-def test_ann_recall_edges():
-    exact = np.array([[3, 1, 2], [4, 5, 6]])
-    assert ann_recall(exact, exact, 3) == 1.0
-    assert ann_recall(exact[:, ::-1], exact, 3) == 1.0  # order inside the top-k does not matter
-    assert ann_recall(np.array([[3, 9, 9], [7, 8, 5]]), exact, 2) == pytest.approx(0.25)
-    assert np.isnan(ann_recall(exact, np.full((2, 3), -1), 3))
-    with pytest.raises(ValueError, match="one row per query"):
-        ann_recall(exact[:1], exact, 3)
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        ann_recall(exact, exact, 0)
-
-
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_exact_topk_is_brute_force(catalogue, metric):
-    items, ids, queries = catalogue
-    got = exact_topk(items, ids, queries, 10, metric)
-    if metric == "ip":
-        score = queries @ items.T  # (Q, N)
-    else:
-        score = -((queries[:, None, :] - items[None, :, :]) ** 2).sum(-1)
-    want = ids[np.argsort(-score, axis=1, kind="stable")[:, :10]]
-    np.testing.assert_array_equal(got, want)
-    short = exact_topk(items[:3], ids[:3], queries[:2], 5, metric)  # fewer items than k
-    assert (short[:, 3:] == -1).all() and set(short[0, :3]) == set(ids[:3])
+def flat_reference(items, ids, queries, k, metric="ip"):
+    """The exact reference of the index stage: one topk_index search over a Flat index."""
+    return topk_index(
+        build_index(items, ids, "Flat", metric, gpu="never"), queries, None, k, len(queries)
+    )
 
 
 # -- the knob and its grid ------------------------------------------------------------------
@@ -133,7 +89,7 @@ def test_param_values(catalogue):
 def test_sweep_rows_are_measured_against_exact_search(catalogue):
     items, ids, queries = catalogue
     k = 10
-    exact = exact_topk(items, ids, queries, k)
+    exact = flat_reference(items, ids, queries, k)
     index = build_index(items, ids, "IVF16,Flat", "ip", gpu="never")
     faiss.extract_index_ivf(index).nprobe = 3
     rows = sweep(index, queries, exact, k, "nprobe", [1, 4, 16])
@@ -143,7 +99,7 @@ def test_sweep_rows_are_measured_against_exact_search(catalogue):
     for r in rows:  # each row's recall = an independent search at that setting vs brute force
         faiss.extract_index_ivf(index).nprobe = r["value"]
         _, found = index.search(queries, k)
-        assert r["ann_recall"] == pytest.approx(slow_recall(found, exact, k))
+        assert r["ann_recall"] == pytest.approx(ann_recall(found, exact, k))
         assert r["ms_per_query"] > 0 and r["qps"] == pytest.approx(1000 / r["ms_per_query"])
     assert rows[-1]["ann_recall"] == 1.0  # all lists probed: IVF-Flat is exact
     assert rows[0]["ann_recall"] < rows[-1]["ann_recall"]
@@ -153,7 +109,7 @@ def test_sweep_rows_are_measured_against_exact_search(catalogue):
 
 def test_sweep_stops_after_target_plus_extra(catalogue):
     items, ids, queries = catalogue
-    exact = exact_topk(items, ids, queries, 10)
+    exact = flat_reference(items, ids, queries, 10)
     index = build_index(items, ids, "IVF16,Flat", "ip", gpu="never")
     values = list(range(1, 17))
     rows = sweep(index, queries, exact, 10, "nprobe", values, target=0.9, extra=2)
@@ -178,7 +134,7 @@ def test_pick_cheapest_is_smallest_value_meeting_target():
 def test_tune_picks_the_cheapest_setting_reaching_target(catalogue, factory, param, target):
     items, ids, queries = catalogue
     k = 10
-    exact = exact_topk(items, ids, queries, k)
+    exact = flat_reference(items, ids, queries, k)
     index = build_index(items, ids, factory, "ip", gpu="never")
     got_param, chosen, rows, at = tune(index, queries, exact, k, target)
     assert got_param == param
@@ -191,13 +147,13 @@ def test_tune_picks_the_cheapest_setting_reaching_target(catalogue, factory, par
         assert below[-1]["value"] == values[values.index(chosen) - 1]
     assert tuning.get_param(index, param) == chosen  # applied
     _, found = index.search(queries, k)  # and searching now meets the target
-    assert slow_recall(found, exact, k) == pytest.approx(at["ann_recall"])
+    assert ann_recall(found, exact, k) == pytest.approx(at["ann_recall"])
     assert at["ann_recall"] >= target
 
 
 def test_tune_unreachable_target_warns_and_takes_most_accurate(catalogue):
     items, ids, queries = catalogue
-    exact = exact_topk(items, ids, queries, 10)
+    exact = flat_reference(items, ids, queries, 10)
     index = build_index(items, ids, "IVF16,PQ4x4np", "ip", gpu="never")  # PQ caps recall
     with pytest.warns(UserWarning, match="target_recall=1.0 is not reached"):
         _, chosen, rows, at = tune(index, queries, exact, 10, 1.0)
@@ -207,12 +163,12 @@ def test_tune_unreachable_target_warns_and_takes_most_accurate(catalogue):
 
 def test_tune_fixed_value_wins(catalogue):
     items, ids, queries = catalogue
-    exact = exact_topk(items, ids, queries, 10)
+    exact = flat_reference(items, ids, queries, 10)
     index = build_index(items, ids, "IVF32,Flat", "ip", gpu="never")
     _, chosen, _, at = tune(index, queries, exact, 10, 0.99, fixed=5)
     assert chosen == 5 and tuning.get_param(index, "nprobe") == 5
     _, found = index.search(queries, 10)
-    assert at["ann_recall"] == pytest.approx(slow_recall(found, exact, 10))
+    assert at["ann_recall"] == pytest.approx(ann_recall(found, exact, 10))
 
 
 # -- the sweep document -------------------------------------------------------------------
@@ -245,6 +201,13 @@ def test_sweep_document_check_table_and_plot(tmp_path):
         check_sweep(sweep_doc([{"value": 1}]))
     with pytest.raises(ValueError, match="'param'"):
         check_sweep({**doc, "param": "nlist"})
+    with pytest.raises(ValueError, match=r"sweep.json: rows\[1\] has no number under 'qps'"):
+        check_sweep(sweep_doc([rows[0], {**rows[1], "qps": "fast"}]), "sweep.json")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        check_sweep([doc])
+    header, cells = tuning.sweep_cells(doc)
+    assert header == ["nprobe", "ANN recall@20", "ms / query", "QPS"] and len(cells) == 3
+    assert tuning.sweep_summary(doc) in tuning.sweep_table(doc)
     table = tuning.sweep_table(doc)
     assert "| nprobe | ANN recall@20 | ms / query | QPS |" in table
     assert "| **4** | **0.9920** |" in table and "| 16 | 1.0000 |" in table

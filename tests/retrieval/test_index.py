@@ -37,6 +37,7 @@ from pipeline.retrieval.index import (
     save_index,
     set_search_params,
 )
+from pipeline.retrieval.topk import ann_recall, topk_exact
 from pipeline.stages import index as index_stage
 from pipeline.stages.index import build_index_stage
 
@@ -328,9 +329,9 @@ def test_stage_tunes_to_the_cheapest_setting_and_saves_it(tmp_path, factory, par
     assert tuning.get_param(index, param) == chosen
     queries, _ = index_stage.tuning_queries(run, 200, 16, np.zeros((0, 16), np.float32))
     items = clustered(2000, seed=0)
-    exact = tuning.exact_topk(items, np.arange(1, 2001), queries, 10)
+    exact = topk_exact(queries, items, np.arange(1, 2001), None, 10)
     _, found = index.search(queries, 10)
-    assert tuning.ann_recall(found, exact, 10) >= 0.95
+    assert ann_recall(found, exact, 10) >= 0.95
     table = run.path(INDEX_SWEEP_TABLE).read_text()
     assert f"| **{chosen}** |" in table and f"`{factory}`" in table
     assert run.path(INDEX_SWEEP_PLOT).read_bytes()[:4] == b"\x89PNG"

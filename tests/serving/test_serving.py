@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from pipeline.core.rundir import EXPORT_DIR
-from pipeline.serving.retriever import BundleError, Retriever, verify_bundle
+from pipeline.serving.retriever import BundleError, Retriever, load_bundle_index, verify_bundle
 from pipeline.serving.transforms import encode_attributes
 
 
@@ -191,6 +191,25 @@ def test_manifest_dim_or_metric_disagreeing_with_the_index_is_refused(
     (copy / "manifest.json").write_text(json.dumps(wrong))
     with pytest.raises(BundleError, match=r"index.faiss: index metric ip != manifest metric l2"):
         Retriever(copy)
+
+
+def test_index_search_parameters_and_unreadable_index_are_refused(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """The bundle's index is read by pipeline.retrieval.index.load_index: its errors, as
+    BundleError naming the file."""
+    copy = _tamper(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    index = manifest.get("index", {})
+    flat = {**manifest, "index": {**index, "search": {"efSearch": 32}}}  # tiny run: Flat
+    with pytest.raises(BundleError, match=r"index.faiss: the index does not match.*ef_search"):
+        load_bundle_index(copy, flat)
+    odd = {**manifest, "index": {**index, "search": {"ht": 3}}}
+    with pytest.raises(BundleError, match=r"index.faiss: manifest sets \['ht'\]"):
+        load_bundle_index(copy, odd)
+    (copy / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(BundleError, match=r"index.faiss: not a readable FAISS index"):
+        load_bundle_index(copy, manifest)
 
 
 def test_manifest_that_drops_a_required_file_is_refused(bundle: Path, tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.core.hashing import sha256
 from pipeline.core.rundir import EXPORT_DIR, INDEX, USER_EMBEDDINGS, USER_VOCAB, ArtifactError
-from pipeline.evaluation.metrics import topk_index
 from pipeline.evaluation.truth import user_sets
 from pipeline.retrieval.embeddings import read_vectors
 from pipeline.retrieval.index import load_index
+from pipeline.retrieval.topk import topk_index
 from pipeline.serving.retriever import BundleError, Retriever
-from pipeline.core.hashing import sha256
 from pipeline.stages.export import export_stage
 
 
@@ -156,11 +156,11 @@ def test_manifest_records_onnx_check_index_and_request_transforms(tiny_run) -> N
 def test_onnx_disagreement_fails_the_export_and_leaves_no_bundle(
     tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.stages.export as export
+    import pipeline.serving.onnx as onnx
 
     cfg, run = tiny_run
     copy = _copy_run(run, tmp_path)
-    monkeypatch.setattr(export, "max_abs_diff", lambda *a, **kw: 0.5)
+    monkeypatch.setattr(onnx, "max_abs_diff", lambda *a, **kw: 0.5)
     with pytest.raises(ArtifactError, match=r"user_tower.onnx: onnxruntime and torch disagree"):
         export_stage(cfg.export.model_copy(update={"version": "v2"}), copy)
     assert sorted(p.name for p in (copy.root / EXPORT_DIR).iterdir()) == ["v1"]

@@ -16,7 +16,9 @@ from pipeline.core.config import TrainSpec, load_config
 from pipeline.core.hashing import sections_hash
 from pipeline.core.rundir import BEST_CHECKPOINT, CHECKPOINT, TRAIN_HISTORY, RunDir, read_json
 from pipeline.core.runner import run_stage
-from pipeline.evaluation.metrics import UserItems, popularity_topk, recall_ndcg
+from pipeline.evaluation.baselines import popularity_topk
+from pipeline.evaluation.metrics import recall_ndcg
+from pipeline.retrieval.topk import UserItems
 from pipeline.stages.train import train_stage
 from pipeline.training.batches import load_feature_tensors, load_pairs, user_balanced_counts
 from towers import CatalogueSampler, CosineContrastiveLoss, SampledSoftmaxLoss, TripletMarginLoss
