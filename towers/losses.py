@@ -172,8 +172,12 @@ class _Candidates:
     ) -> None:
         _check(user, item, item_ids, user_ids, log_q, label_offset)
         b, n, d = user.shape[0], item.shape[0], user.shape[1]
-        m = _check_shared(shared_neg, shared_neg_ids, shared_log_q, d, mask)
-        k = _check_hard(hard_neg, hard_neg_ids, hard_valid, b, d, mask)
+        m = _check_negatives(
+            "shared", shared_neg, shared_neg_ids, ("shared_log_q", shared_log_q), (), d, mask
+        )
+        k = _check_negatives(
+            "hard", hard_neg, hard_neg_ids, ("hard_valid", hard_valid), (b,), d, mask
+        )
         if not in_batch and shared_neg is None and hard_neg is None:
             raise ValueError(
                 "in_batch=False leaves no negatives: pass shared_neg and/or hard_neg, "
@@ -343,50 +347,45 @@ def _check(
             raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(t.shape)}")
 
 
-def _check_shared(
-    shared: Tensor | None, ids: Tensor | None, log_q: Tensor | None, d: int, mask: bool
+def _check_negatives(
+    kind: str,
+    neg: Tensor | None,
+    ids: Tensor | None,
+    extra: tuple[str, Tensor | None],
+    lead: tuple[int, ...],
+    d: int,
+    mask: bool,
 ) -> int:
-    """Validate the shared negatives; returns M (0 when absent)."""
-    if shared is None:
-        if ids is not None or log_q is not None:
-            raise ValueError("shared_neg_ids / shared_log_q were given without shared_neg")
+    """Validate one block of extra negatives; returns its count (0 when absent).
+
+    ``kind`` is "shared" ((M, D) vectors, ``lead`` = ()) or "hard" ((B, K, D), ``lead`` =
+    (B,)); ``extra`` is the block's third tensor by name (``shared_log_q`` / ``hard_valid``),
+    shaped like the ids.
+    """
+    extra_name, extra_t = extra
+    letter = "M" if kind == "shared" else "K"
+    if neg is None:
+        if ids is not None or extra_t is not None:
+            raise ValueError(f"{kind}_neg_ids / {extra_name} were given without {kind}_neg")
         return 0
-    if shared.dim() != 2 or shared.shape[1] != d:
-        raise ValueError(f"shared_neg must be (M, D) with D={d}, got {tuple(shared.shape)}")
-    m = shared.shape[0]
+    dims = ", ".join([*map(str, lead), letter, str(d)])
+    names = ", ".join(["B"] * len(lead) + [letter, "D"])
+    if neg.dim() != len(lead) + 2 or tuple(neg.shape[: len(lead)]) != lead or neg.shape[-1] != d:
+        raise ValueError(f"{kind}_neg must be ({names}) = ({dims}), got {tuple(neg.shape)}")
+    n = neg.shape[len(lead)]
     if mask and ids is None:
         raise ValueError(
-            "shared_neg_ids are needed to mask accidental hits: pass them, "
+            f"{kind}_neg_ids are needed to mask accidental hits: pass them, "
             "or mask_accidental_hits=False"
         )
-    for name, t in (("shared_neg_ids", ids), ("shared_log_q", log_q)):
-        if t is not None and tuple(t.shape) != (m,):
-            raise ValueError(f"{name} must have shape (M,) = ({m},), got {tuple(t.shape)}")
-    return m
-
-
-def _check_hard(
-    hard: Tensor | None, ids: Tensor | None, valid: Tensor | None, b: int, d: int, mask: bool
-) -> int:
-    """Validate the hard negatives; returns K (0 when absent)."""
-    if hard is None:
-        if ids is not None or valid is not None:
-            raise ValueError("hard_neg_ids / hard_valid were given without hard_neg")
-        return 0
-    if hard.dim() != 3 or hard.shape[0] != b or hard.shape[2] != d:
-        raise ValueError(f"hard_neg must be (B, K, D) = ({b}, K, {d}), got {tuple(hard.shape)}")
-    k = hard.shape[1]
-    if mask and ids is None:
-        raise ValueError(
-            "hard_neg_ids are needed to mask accidental hits: pass them, "
-            "or mask_accidental_hits=False"
-        )
-    for name, t in (("hard_neg_ids", ids), ("hard_valid", valid)):
-        if t is not None and tuple(t.shape) != (b, k):
-            raise ValueError(f"{name} must have shape (B, K) = ({b}, {k}), got {tuple(t.shape)}")
-    if valid is not None and valid.dtype != torch.bool:
-        raise ValueError(f"hard_valid must be a bool tensor, got {valid.dtype}")
-    return k
+    want = (*lead, n)
+    for name, t in ((f"{kind}_neg_ids", ids), (extra_name, extra_t)):
+        if t is not None and tuple(t.shape) != want:
+            shape = ", ".join(["B"] * len(lead) + [letter])
+            raise ValueError(f"{name} must have shape ({shape}) = {want}, got {tuple(t.shape)}")
+    if kind == "hard" and extra_t is not None and extra_t.dtype != torch.bool:
+        raise ValueError(f"hard_valid must be a bool tensor, got {extra_t.dtype}")
+    return n
 
 
 # -- the losses ------------------------------------------------------------------------------

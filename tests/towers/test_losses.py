@@ -385,34 +385,21 @@ def test_shared_negative_hits_change_nothing_vs_dropping_them(name, params, hit)
     fn = build_loss(name, **params)
     kw = dict(user_ids=user_ids, log_q=log_q)
     row0 = user[:1]  # (1, D) row 0 of the batch; its positive is item[0]
-    masked = fn(
-        row0,
-        item,
-        item_ids,
-        **kw,
-        shared_neg=shared,
-        shared_neg_ids=shared_ids,
-        shared_log_q=shared_lq,
-    )
-    dropped = fn(
-        row0,
-        item,
-        item_ids,
-        **kw,
-        shared_neg=shared[1:],
-        shared_neg_ids=shared_ids[1:],
-        shared_log_q=shared_lq[1:],
-    )
-    unmasked = fn(
-        row0,
-        item,
-        item_ids,
-        **kw,
-        shared_neg=shared,
-        shared_neg_ids=shared_ids,
-        shared_log_q=shared_lq,
-        mask_accidental_hits=False,
-    )
+
+    def loss(keep: slice, **extra: object) -> torch.Tensor:  # row 0 with shared[keep]
+        return fn(
+            row0,
+            item,
+            item_ids,
+            **kw,
+            shared_neg=shared[keep],
+            shared_neg_ids=shared_ids[keep],
+            shared_log_q=shared_lq[keep],
+            **extra,
+        )
+
+    masked, dropped = loss(slice(None)), loss(slice(1, None))
+    unmasked = loss(slice(None), mask_accidental_hits=False)
     assert masked.item() == pytest.approx(dropped.item(), rel=1e-12)
     assert abs(unmasked.item() - masked.item()) > 1e-3
 
