@@ -98,6 +98,13 @@ class UserItems:
         return cls(indptr, it)
 
     @classmethod
+    def from_lists(cls, rows: list[list[int]], unique: bool = False) -> UserItems:
+        """Sets from one list of items per row (small, hand-written sets: tests, requests)."""
+        r = np.repeat(np.arange(len(rows), dtype=np.int64), [len(x) for x in rows])
+        items = np.array([i for x in rows for i in x], dtype=np.int64)
+        return cls.from_pairs(r, items, len(rows), unique=unique)
+
+    @classmethod
     def for_users(
         cls,
         query_users: np.ndarray,

@@ -112,10 +112,7 @@ def test_item_knn_hand_case_and_errors():
 
 
 # -- popularity ---------------------------------------------------------------------
-def sets(rows: list[list[int]]) -> UserItems:
-    r = np.repeat(np.arange(len(rows)), [len(x) for x in rows])
-    items = np.array([i for x in rows for i in x], dtype=np.int64)
-    return UserItems.from_pairs(r, items, len(rows), unique=False)
+sets = UserItems.from_lists  # one list of items per user
 
 
 def test_popularity_topk_hand_case():

@@ -16,11 +16,7 @@ from pipeline.evaluation.breakdown import (
 )
 from pipeline.retrieval.topk import UserItems
 
-
-def sets(rows: list[list[int]]) -> UserItems:
-    r = np.repeat(np.arange(len(rows)), [len(x) for x in rows])
-    items = np.array([i for x in rows for i in x], dtype=np.int64)
-    return UserItems.from_pairs(r, items, len(rows), unique=False)
+sets = UserItems.from_lists  # one list of items per user
 
 
 def names(codes: np.ndarray, table: tuple[str, ...]) -> list[str]:

@@ -17,10 +17,7 @@ from pipeline.retrieval.topk import (
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see tests/conftest.py
 
 
-def sets(rows: list[list[int]]) -> UserItems:
-    r = np.repeat(np.arange(len(rows)), [len(x) for x in rows])
-    items = np.array([i for x in rows for i in x], dtype=np.int64)
-    return UserItems.from_pairs(r, items, len(rows), unique=False)
+sets = UserItems.from_lists  # one list of items per user
 
 
 def random_exclude(rng, n_users: int, ids: np.ndarray, max_count: int) -> UserItems:
