@@ -31,7 +31,7 @@ import torch
 
 from pipeline.core.hashing import sha256
 from pipeline.core.rundir import ArtifactError
-from pipeline.retrieval.index import SEARCH_PARAMS, load_index
+from pipeline.retrieval.index import METRICS, SEARCH_PARAMS, load_index
 from pipeline.retrieval.topk import UserItems, topk_index
 from pipeline.serving.onnx import input_names, onnx_session, run_onnx
 from pipeline.serving.transforms import OOV, padded
@@ -47,8 +47,6 @@ ONNX_FILE = "user_tower.onnx"  # the same tower as ONNX (optional: export.onnx=f
 MODEL_FILE = "model.pt"  # both towers' weights (optional, export.weights): for warm starts
 REQUIRED_FILES = (INDEX_FILE, ITEMS_FILE, USERS_FILE, META_FILE, TOWER_FILE)
 BACKENDS = ("auto", "torch", "onnx")
-
-_FAISS_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 class BundleError(ValueError):
@@ -73,7 +71,7 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
     for key in ("files", "dim", "metric", "normalized"):
         if key not in manifest:
             raise BundleError(f"{mpath}: missing key '{key}'")
-    if manifest["metric"] not in _FAISS_METRICS:
+    if manifest["metric"] not in METRICS:
         raise BundleError(f"{mpath}: metric is {manifest['metric']!r}, expected 'ip' or 'l2'")
     files = manifest["files"]
     for rel in REQUIRED_FILES:
@@ -113,8 +111,8 @@ def load_bundle_index(bundle: Path, manifest: dict[str, Any]) -> faiss.Index:
         raise BundleError(str(exc)) from None
     if index.d != manifest["dim"]:
         raise BundleError(f"{path}: index dim {index.d} != manifest dim {manifest['dim']}")
-    if index.metric_type != _FAISS_METRICS[manifest["metric"]]:
-        names = {v: k for k, v in _FAISS_METRICS.items()}
+    if index.metric_type != METRICS[manifest["metric"]]:
+        names = {v: k for k, v in METRICS.items()}
         got = names.get(index.metric_type, f"faiss metric {index.metric_type}")
         raise BundleError(f"{path}: index metric {got} != manifest metric {manifest['metric']}")
     return index
