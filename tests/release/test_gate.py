@@ -309,6 +309,15 @@ def test_cli_gate_prints_the_decision_and_reuses_it(runs, store, tmp_path: Path)
     forced = json.loads(res.stdout.strip().splitlines()[-1])
     assert forced["version"] == 2 and forced["promoted"]  # equal to the champion: not worse
     assert forced["champion"] == pytest.approx(first["new"], abs=1e-12)
+    again = json.loads(cli.invoke(app, args).stdout.strip().splitlines()[-1])
+    assert again["reused"] and again["version"] == 2  # the runner's skip: the forced decision
+    # another registry setting is another input of the gate stage: it decides again
+    res = cli.invoke(app, [*args, "--set", "registry.tolerance=0.01"])
+    assert res.exit_code == 0, res.output
+    changed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not changed["reused"] and changed["version"] == 3 and changed["tolerance"] == 0.01
+    record = run.stage_record("gate")
+    assert record["metrics"]["version"] == 3.0 and record["outputs"] == {"decision": GATE_DECISION}
     empty = tmp_path / "empty"
     empty.mkdir()
     res = cli.invoke(app, ["gate", "--run", str(empty), "--tracking-uri", store])
