@@ -7,7 +7,8 @@ behaves the same whichever way it is started. The runner alone sets a record's
 ``config_hash``, ``seconds``, ``peak_rss_mb``, ``input_hash`` and ``output_hash``.
 
 Every record carries an ``input_hash`` (the config sections the stage reads, the
-``output_hash`` of every earlier stage and, for ingest, the sha256 of the raw input files)
+``output_hash`` of every earlier stage and the sha256 of the files it reads from outside the
+run: the raw data, an earlier run or bundle)
 and an ``output_hash`` (sha256 over its output files). With ``reuse=True`` (the flow) a stage
 whose input hash is unchanged and whose outputs still hash the same is skipped, and an
 interrupted training with unchanged inputs resumes from its checkpoint. Downstream inputs are
@@ -17,7 +18,6 @@ upstream *output* hashes, so a re-run ingest that writes the same bytes lets lat
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import resource
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from pipeline.core.config import Config, dump_config
 from pipeline.core.hashing import files_hash, sections_hash
 from pipeline.core.rundir import EVAL_REPORT, MANIFEST, RunDir, StageRecord
-from pipeline.core.stages import STAGES, stage, upstream
+from pipeline.core.stages import STAGES, resolve, stage, upstream
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,8 @@ def reusable_record(
     if output_hash(run, outputs) != rec["output_hash"]:
         return None
     check = stage(name).still_valid
-    if check is not None:
-        module, _, fn = check.partition(":")
-        if not getattr(importlib.import_module(module), fn)(cfg, run, rec, **kwargs):
-            return None
+    if check is not None and not resolve(check)(cfg, run, rec, **kwargs):
+        return None
     return StageRecord.from_dict(rec)
 
 

@@ -72,6 +72,12 @@ def previous_inputs(path: str | None, weights: bool) -> list[Path]:
     return [root / MANIFEST]  # a bundle (pipeline.training.previous checks its checksums)
 
 
+def resolve(target: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` string names (its module imported now)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _always(cfg: Config) -> bool:
     return True
 
@@ -97,8 +103,7 @@ class Stage:
 
     def load(self) -> StageFn:
         """The stage's function (imported now)."""
-        module, _, name = self.function.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return resolve(self.function)
 
 
 STAGES: tuple[Stage, ...] = (
