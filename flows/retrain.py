@@ -35,9 +35,6 @@ from pipeline.core.runner import (
 from pipeline.core.stages import STAGES
 from pipeline.release.tracking import Tracker
 
-# retries for stages whose failures are mostly I/O (files, object stores)
-RETRIES: dict[str, int] = {"ingest": 2, "export": 2}
-
 
 @task(cache_policy=NO_CACHE)
 def stage_task(
@@ -129,9 +126,9 @@ def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool) -> str:
             if not stage.enabled(cfg):
                 continue
             options = {"workdir": work} if stage.tracks_itself else {}  # the gate's store
-            stage_task.with_options(
-                name=stage.name, retries=RETRIES.get(stage.name, 0), retry_delay_seconds=2
-            )(stage.name, cfg, run, ctx, reuse, return_state=True, **options).result()
+            stage_task.with_options(name=stage.name, retries=stage.retries, retry_delay_seconds=2)(
+                stage.name, cfg, run, ctx, reuse, return_state=True, **options
+            ).result()
         if cfg.registry.enabled:
             _gate_artifact(run)
         ok = True

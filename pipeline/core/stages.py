@@ -98,6 +98,7 @@ class Stage:
     tracks_itself: bool = False  # opens its own MLflow run (the runner does not open one)
     resume_from: str | None = None  # a file an interrupted attempt leaves to resume from
     reports_epochs: bool = False  # takes ``on_epoch(epoch, metrics)``: tracked per step
+    retries: int = 0  # the flow retries a failed attempt this often (mostly-I/O stages)
     still_valid: str | None = None  # "module:function"(cfg, run, record, **kw) -> bool: an
     # extra condition for reusing a finished record (state outside the run, e.g. a registry)
 
@@ -113,6 +114,7 @@ STAGES: tuple[Stage, ...] = (
         "pipeline.stages.ingest:ingest",
         call=lambda fn, cfg, run, kw: fn(cfg.data, run),
         external=lambda cfg: raw_inputs(cfg.data),
+        retries=2,
     ),
     Stage(
         "features",
@@ -165,6 +167,7 @@ STAGES: tuple[Stage, ...] = (
         "pipeline.stages.export:export_stage",
         call=lambda fn, cfg, run, kw: fn(cfg.export, run),
         artifact_outputs=("bundle",),
+        retries=2,
     ),
     Stage(  # the champion gate: registers the bundle, promotes it or not (MLflow registry)
         "gate",
