@@ -63,6 +63,32 @@ def check_no_nulls(df: pl.DataFrame, columns: list[str], file: Path | str) -> No
             raise IngestError(f"{file}: column '{col}' has {n_null} null value(s)")
 
 
+def first_bad(df: pl.DataFrame, col: str, bad: pl.Expr) -> tuple[int, object] | None:
+    """``(row, value)`` of the first row where ``bad`` holds (1-based data row), or None."""
+    rows = df.select(pl.int_range(1, pl.len() + 1).alias("_row"), pl.col(col)).filter(bad)
+    if rows.height == 0:
+        return None
+    row, value = rows.row(0)
+    return int(row), value
+
+
+def check_id_column(df: pl.DataFrame, col: str, file: Path | str) -> pl.Expr:
+    """An expression casting id column ``col`` to ``Utf8``, if its kind is an id kind.
+
+    Ids are strings, integers or categoricals; anything else (floats, structs, lists, ...) has
+    no faithful text form (``1.0`` vs ``1``, ``{'a': 1}``), so it raises :class:`IngestError`
+    naming the file, the column, its type and the first value instead of being cast to text.
+    """
+    dtype = df.schema[col]
+    if dtype == pl.String or dtype.is_integer() or isinstance(dtype, pl.Categorical | pl.Enum):
+        return pl.col(col).cast(pl.String)
+    first = df.get_column(col).head(1).to_list()[0] if df.height else None
+    raise IngestError(
+        f"{file}: id column '{col}' has type {dtype} (first value {first!r}); ids must be "
+        "strings or integers"
+    )
+
+
 def attribute_dtype_ok(dtype: pl.DataType) -> bool:
     """True for the two attribute kinds: ``Utf8`` (categorical) and ``List(Utf8)`` (multi)."""
     if dtype == pl.String:
@@ -105,13 +131,14 @@ def attribute_table(
     ``id_col``, raise :class:`IngestError` naming the file and column.
     """
     check_no_nulls(df, [raw_id], file)
+    id_expr = check_id_column(df, raw_id, file)
     n_dup = df.height - df.get_column(raw_id).n_unique()
     if n_dup:
         raise IngestError(f"{file}: column '{raw_id}' has {n_dup} duplicate id(s)")
     if raw_id != id_col and id_col in df.columns:
         raise IngestError(f"{file}: attribute column '{id_col}' clashes with the id column")
     attrs = [as_attribute(df, c, file) for c in df.columns if c != raw_id]
-    df = df.select(pl.col(raw_id).cast(pl.String).alias(id_col), *attrs)
+    df = df.select(id_expr.alias(id_col), *attrs)
     missing = pl.DataFrame({id_col: ids.cast(pl.String).unique().sort()})
     missing = missing.join(df, on=id_col, how="anti")
     return pl.concat([df, missing], how="diagonal_relaxed")

@@ -3,7 +3,11 @@
 ``ColumnMap`` names the user, item, timestamp and weight columns. Ids are cast to strings
 (CSV ids are read as strings, so leading zeros survive). A timestamp column may hold integers,
 floats (floored), dates or datetimes (converted to int64 epoch seconds); with no timestamp
-column the row order is the timestamp. Weight defaults to 1.0. Optional user and item
+column the row order is the timestamp; a NaN, infinite or beyond-int64 time is an error
+naming the file, column, row and value. Ids must be strings or integers (a float, struct or
+list id column is refused, not cast to text). The pipeline trains on every interaction alike,
+so a mapped weight column must hold only 1.0 (any other value is refused rather than silently
+ignored); without one the weight is 1.0. Optional user and item
 attribute tables are keyed by a column named like the mapped user/item column; their other
 columns are attributes (strings = categorical, lists of strings = multi-valued).
 """
@@ -19,14 +23,17 @@ from pipeline.core.config import ColumnMap
 from pipeline.readers.common import (
     IngestError,
     attribute_table,
+    check_id_column,
     check_no_nulls,
     conform_interactions,
+    first_bad,
     ids_only,
     require_columns,
     require_file,
 )
 
 SUFFIXES = (".parquet", ".csv")  # file types the table reader understands
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of an int64 timestamp
 
 
 def table_columns(path: Path) -> list[str]:
@@ -59,6 +66,45 @@ def read_any(path: Path, columns: list[str] | None, string_cols: list[str]) -> p
         )
     except Exception as exc:
         raise IngestError(f"{path}: cannot read: {exc}") from None
+
+
+def _refuse_time(file: Path, col: str, found: tuple[int, object], why: str) -> IngestError:
+    row, value = found
+    return IngestError(f"{file}: timestamp column '{col}' row {row} holds {value!r}: {why}")
+
+
+def check_timestamps(raw: pl.DataFrame, col: str, file: Path) -> None:
+    """Raise :class:`IngestError` naming the file, column, first bad row and value when a
+    numeric time is NaN, infinite or outside int64 (polars would fail without naming them)."""
+    dtype = raw.schema[col]
+    t = pl.col(col)
+    if dtype.is_float():
+        found = first_bad(raw, col, ~t.is_finite())
+        if found is not None:
+            raise _refuse_time(file, col, found, "not a finite number")
+        found = first_bad(raw, col, (t.floor() < INT64_MIN) | (t.floor() >= 2.0**63))
+        if found is not None:
+            raise _refuse_time(file, col, found, "outside the int64 range of a timestamp")
+    elif dtype.is_integer() and dtype == pl.UInt64:
+        found = first_bad(raw, col, t > INT64_MAX)
+        if found is not None:
+            raise _refuse_time(file, col, found, "outside the int64 range of a timestamp")
+
+
+def check_weights(raw: pl.DataFrame, col: str, file: Path) -> None:
+    """Raise :class:`IngestError` unless weight column ``col`` holds only 1.0.
+
+    Training treats every interaction alike (the towers' losses take no sample weights), so a
+    weight other than 1 would be read, stored and silently ignored; refusing it says so.
+    """
+    found = first_bad(raw, col, pl.col(col).cast(pl.Float64) != 1.0)
+    if found is not None:
+        row, value = found
+        raise IngestError(
+            f"{file}: weight column '{col}' row {row} holds {value!r}; training weighs every "
+            "interaction alike, so a weight column must hold only 1.0 (unset "
+            "data.columns.weight, or repeat or filter the rows you mean to weigh)"
+        )
 
 
 def timestamp_expr(dtype: pl.DataType, col: str, file: Path) -> pl.Expr:
@@ -97,13 +143,14 @@ def read_table(
     check_no_nulls(raw, [cmap.user, cmap.item], file)
 
     cols: dict[str, pl.Expr] = {
-        "user": pl.col(cmap.user).cast(pl.String),
-        "item": pl.col(cmap.item).cast(pl.String),
+        "user": check_id_column(raw, cmap.user, file),
+        "item": check_id_column(raw, cmap.item, file),
     }
     if cmap.timestamp is None:
         cols["timestamp"] = pl.int_range(pl.len(), dtype=pl.Int64)
     else:
         check_no_nulls(raw, [cmap.timestamp], file)
+        check_timestamps(raw, cmap.timestamp, file)
         cols["timestamp"] = timestamp_expr(raw.schema[cmap.timestamp], cmap.timestamp, file)
     if cmap.weight is None:
         cols["weight"] = pl.lit(1.0, dtype=pl.Float32)
@@ -114,6 +161,7 @@ def read_table(
                 "expected numbers"
             )
         check_no_nulls(raw, [cmap.weight], file)
+        check_weights(raw, cmap.weight, file)
         cols["weight"] = pl.col(cmap.weight)
     cols["split"] = pl.lit(None, dtype=pl.String)
     interactions = conform_interactions(raw.select(**cols))

@@ -30,10 +30,19 @@ Attributes are encoded the same way everywhere (see :func:`fit_attributes` and
 unknown, 1..c = the sorted values), a multi-valued one a list of such codes (unknown values
 dropped). Ties in time are always broken by the ingest row order, so every split is
 deterministic. All per-event work is polars queries over whole columns.
+
+Data checks, before anything is written: repeated (user, item) events are dropped, keeping the
+latest (by time, then ingest row; with ``split: given`` within each split), counted in the
+record's ``rows["duplicates_dropped"]`` with a warning: otherwise a test pair would also be a
+train pair, excluded from ranking as "seen" and never a hit (recall 0 with no other sign). A
+given split whose test pairs also appear in train, an empty test set (e.g. ``leave_last_n`` at
+least every user's event count) and a split with no train event are refused with an
+:class:`ArtifactError` naming the key and the counts.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -166,6 +175,54 @@ def check_given_split(path: Path) -> None:
         )
     if stats["bad"]:
         raise ArtifactError(f"{path}: column 'split' holds values other than 'train'/'test'")
+
+
+def drop_duplicate_pairs(lf: pl.LazyFrame, cfg: FeaturesConfig) -> pl.LazyFrame:
+    """``lf`` (with a ``row`` index) keeping one event per (user, item): the latest by
+    (timestamp, row). With ``split: given`` pairs are deduplicated within each split only."""
+    keys = ["user", "item", "split"] if cfg.split == "given" else ["user", "item"]
+    latest = pl.col("row").sort_by("timestamp", "row").last().over(keys)
+    return lf.filter(pl.col("row") == latest)
+
+
+def check_given_overlap(lf: pl.LazyFrame, path: Path) -> None:
+    """Refuse a given split whose test (user, item) pairs also appear in its train events."""
+    test = lf.filter(pl.col("split") == "test").select("user", "item").unique()
+    train = lf.filter(pl.col("split") == "train").select("user", "item").unique()
+    both = test.join(train, on=["user", "item"]).sort("user", "item").collect()
+    if both.height:
+        n_test = test.select(pl.len()).collect().item()
+        user, item = both.row(0)
+        raise ArtifactError(
+            f"{path}: features.split='given': {both.height} of {n_test} test (user, item) "
+            f"pair(s) also appear in train, e.g. user '{user}' item '{item}'; a pair the user "
+            "already has is excluded from ranking and can never be a hit. Remove them from "
+            "the source's test file, or use features.split 'time' / 'leave_last_n'"
+        )
+
+
+def check_split_counts(events: pl.DataFrame, cfg: FeaturesConfig, path: Path) -> None:
+    """Refuse a split with no test event or no train event, naming the key and the counts."""
+    n_test = events.filter(pl.col("split") == "test").height
+    n_train = events.filter(pl.col("split") == "train").height
+    n = events.height
+    if n_test == 0:
+        if cfg.split == "leave_last_n":
+            most = events.group_by("user_idx").len()["len"].max()
+            why = (
+                f"features.leave_last_n={cfg.leave_last_n} puts a user's last events in test "
+                f"only when the user has more than that many; the most any user has is {most}"
+            )
+        elif cfg.split == "time":
+            why = f"features.test_fraction={cfg.test_fraction} of {n} event(s) rounds to 0"
+        else:
+            why = "features.split='given' but the source marks no event 'test'"
+        raise ArtifactError(f"{path}: the test split is empty (0 of {n} events, 0 users): {why}")
+    if n_train == 0:
+        raise ArtifactError(
+            f"{path}: features.split='{cfg.split}' leaves no train event ({n_test} of {n} "
+            "events are test, the rest valid); the model would have nothing to learn from"
+        )
 
 
 def assign_valid(lf: pl.LazyFrame, cfg: FeaturesConfig) -> pl.LazyFrame:
@@ -343,11 +400,13 @@ def load_feature_meta(run: RunDir) -> dict[str, Any]:
 
 def split_events(
     interactions: Path, cfg: FeaturesConfig, old_users: pl.Series | None = None
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The user vocabulary and the events with ``user_idx`` and the final ``split``.
+) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """The user vocabulary, the events with ``user_idx`` and the final ``split``, and the
+    number of duplicate (user, item) events dropped (:func:`drop_duplicate_pairs`).
 
     Events are sorted by (user_idx, timestamp, row) and keep the raw ``item`` and ``row``.
     ``old_users``: an earlier vocabulary to extend (:func:`extend_vocab`) instead of a new one.
+    Raises :class:`ArtifactError` for a degenerate split (:func:`check_split_counts`).
     """
     lf = scan_parquet(interactions, INTERACTIONS_KINDS)
     if cfg.split == "given":
@@ -363,6 +422,16 @@ def split_events(
     if cfg.valid_strategy == "random":
         key = np.random.default_rng(cfg.seed).random(n_rows)  # (n_rows,) one key per row
         lf = pl.concat([lf, pl.LazyFrame({"key": key})], how="horizontal")
+    lf = drop_duplicate_pairs(lf, cfg).collect().lazy()
+    n_dropped = n_rows - lf.select(pl.len()).collect().item()
+    if n_dropped:
+        warnings.warn(
+            f"{interactions}: dropped {n_dropped} repeated (user, item) event(s), keeping "
+            "each pair's latest, so no test pair is also a train pair",
+            stacklevel=2,
+        )
+    if cfg.split == "given":
+        check_given_overlap(lf, interactions)
     if old_users is None:
         user_vocab = build_vocab(lf, "user", "user_idx")
     else:
@@ -374,7 +443,8 @@ def split_events(
     )
     lf = assign_valid(assign_test(lf, cfg), cfg)
     events = lf.select("user_idx", "item", "timestamp", "weight", "split", "row").collect()
-    return user_vocab, events
+    check_split_counts(events, cfg, interactions)
+    return user_vocab, events, n_dropped
 
 
 def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
@@ -383,7 +453,7 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
     if cfg.vocab_from is not None:
         prev = open_previous(cfg.vocab_from, "features.vocab_from")
     old_users = prev.vocabs.users if prev is not None else None
-    user_vocab, events = split_events(run.path(INTERACTIONS), cfg, old_users)
+    user_vocab, events, n_dropped = split_events(run.path(INTERACTIONS), cfg, old_users)
     ev = events.lazy()
     learnt = ev.filter(pl.col("split") != "test")  # items the model can learn
     if prev is None:
@@ -495,6 +565,7 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
             "items": n_items,
             **{f"events_{s}": count[s] for s in SPLITS},
             **vocab_rows,
+            "duplicates_dropped": n_dropped,
         },
         metrics={
             **{f"n_{s}": float(count[s]) for s in SPLITS},

@@ -40,7 +40,7 @@ def test_ingest_synthetic_writes_artifacts(tmp_path: Path) -> None:
 
 def test_ingest_table_source(tmp_path: Path) -> None:
     log = tmp_path / "log.csv"
-    log.write_text("who,what,t,stars\n1,a,5,4.5\n2,b,6,3\n1,b,7,1\n")
+    log.write_text("who,what,t,stars\n1,a,5,1\n2,b,6,1.0\n1,b,7,1\n")  # weights must be 1
     cfg = DataConfig(
         source="table",
         path=str(log),
@@ -50,8 +50,8 @@ def test_ingest_table_source(tmp_path: Path) -> None:
     rec = ingest(cfg, run)
     inter = read_parquet(run.path(INTERACTIONS), INTERACTIONS_KINDS)
     assert inter.select("user", "item", "timestamp", "weight").rows() == [
-        ("1", "a", 5, 4.5),
-        ("2", "b", 6, 3.0),
+        ("1", "a", 5, 1.0),
+        ("2", "b", 6, 1.0),
         ("1", "b", 7, 1.0),
     ]
     assert rec.rows == {"interactions": 3, "users": 2, "items": 2}
