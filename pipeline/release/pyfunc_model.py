@@ -15,7 +15,10 @@ directory as its artifact "bundle". When MLflow loads the model (``mlflow.pyfunc
 - ``exclude_seen`` optional, default true.
 
 and returns a DataFrame with ``user``, ``items`` (raw ids, best first) and ``scores``. The
-model config key ``backend`` ("auto", "onnx", "torch") picks the user tower's runtime.
+model config key ``backend`` ("auto", "onnx", "torch") picks the user tower's runtime: ONNX, or
+the tower rebuilt in torch from the bundle's ``user_tower.safetensors`` and tower config (never
+the ``torch.export`` program, whose loader unpickles). Either way the Retriever first checks
+every backend it loads against the bundle's probe users and refuses a bundle that disagrees.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ class BundleModel(PythonModel):
     """Recommendations from a serving bundle for each row of a request DataFrame."""
 
     def load_context(self, context) -> None:
-        """Build the Retriever from the logged bundle (a BundleError if it fails its checks)."""
+        """Build the Retriever from the logged bundle (a BundleError if it fails its checks:
+        checksums, paths inside the bundle, probe users)."""
         from pipeline.serving.retriever import Retriever
 
         config = context.model_config or {}

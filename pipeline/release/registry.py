@@ -41,7 +41,16 @@ DEFAULT_EXPERIMENT = "twotower"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # what the served model imports; pinned to this environment's versions (informational with
 # --env-manager local, used when MLflow builds an environment)
-SERVING_PACKAGES = ("mlflow", "torch", "faiss-cpu", "polars", "pyarrow", "numpy", "pandas")
+SERVING_PACKAGES = (
+    "mlflow",
+    "torch",
+    "safetensors",
+    "faiss-cpu",
+    "polars",
+    "pyarrow",
+    "numpy",
+    "pandas",
+)
 ONNX_PACKAGES = ("onnxruntime",)
 
 

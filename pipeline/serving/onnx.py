@@ -134,8 +134,10 @@ def export_user_tower(
     """Save the user tower with ``torch.export`` (dynamic batch dimension).
 
     The program takes ``(user_idx (B,), history (B, H), *attrs)`` with the attributes in the
-    returned order; serving calls it with ``torch.export.load(path).module()``. Returns the
-    attribute order, the program and the example arguments (the ONNX export reuses both).
+    returned order. The file is for other consumers: this package never loads it
+    (``torch.export.load`` unpickles; serving rebuilds the tower, :mod:`pipeline.serving.tower`).
+    Returns the attribute order, the program and the example arguments (the ONNX export and
+    the probe check reuse both).
     """
     module = UserTowerExport(tower).eval()
     attr_names = module.attr_names

@@ -1,11 +1,15 @@
 """Load a serving bundle and answer "top-k raw item ids for this user" from it alone.
 
 The loader reads only the bundle directory (layout in :mod:`pipeline.stages.export`). Before it
-serves anything it checks every file's sha256 against ``manifest.json`` and that the index
-agrees with the manifest on dimension and metric; a bundle that fails is refused with a
-:class:`BundleError` naming the file. Users are encoded by the user tower, either the
-``torch.export`` program (``backend="torch"``) or the ONNX file run by onnxruntime
-(``backend="onnx"``), which the export stage checked against each other; items are ranked
+serves anything it checks that every file the manifest names stays inside the bundle (no
+``..``, no absolute path, no symlink out), every file's sha256 against ``manifest.json`` and
+that the index agrees with the manifest on dimension and metric; a bundle that fails is refused
+with a :class:`BundleError` naming the file. Users are encoded by the user tower, either
+rebuilt in torch from this package's code, its ``TowerConfig`` and ``user_tower.safetensors``
+(``backend="torch"``; nothing is unpickled: the ``torch.export`` program ``user_tower.pt2`` is
+never loaded) or the ONNX file run by onnxruntime (``backend="onnx"``). Every backend the
+bundle has is checked at load against the probe users the export stage stored with the vectors
+the exported program gave them (:mod:`pipeline.serving.tower`); items are ranked
 through the bundle's FAISS index exactly as offline evaluation ranks them (same exclusion of a
 known user's seen items, same number of results fetched), so a known user gets the ids
 evaluation scored.
@@ -13,7 +17,9 @@ evaluation scored.
 A user the bundle has never seen is served from a *cold-start request*: raw item ids of a
 recent history (oldest first; unknown ids dropped, the last ``history_len`` kept) and raw
 attribute values (unknown values -> code 0, "missing"), with the user id row set to the
-out-of-vocabulary row 0, which is what the tower learnt for "no id".
+out-of-vocabulary row 0, which is what the tower learnt for "no id". A request with no known
+history id and no known attribute value is refused (a :class:`ValueError` naming them): its
+query would be the same for everyone.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import faiss
@@ -34,15 +40,20 @@ from pipeline.core.rundir import ArtifactError
 from pipeline.retrieval.index import METRICS, SEARCH_PARAMS, load_index
 from pipeline.retrieval.topk import UserItems, topk_index
 from pipeline.serving.onnx import input_names, onnx_session, run_onnx
+from pipeline.serving.tower import load_user_tower, probe_diff, read_probes, torch_encoder
 from pipeline.serving.transforms import OOV, padded
 
-BUNDLE_FORMAT = 2  # 1: torch.export tower only; 2: + ONNX tower, request transforms
+# 1: torch.export tower only; 2: + ONNX tower, request transforms; 3: + the user tower's
+# weights (safetensors) and config, which the torch backend rebuilds, and probe users
+BUNDLE_FORMAT = 3
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"  # the item index; its ids are item rows
 ITEMS_FILE = "item_ids.parquet"  # item_idx -> raw item id
 USERS_FILE = "users.parquet"  # raw user id -> user row, history, attribute codes, seen items
 META_FILE = "feature_meta.json"  # attribute vocabularies, history length, request transforms
-TOWER_FILE = "user_tower.pt2"  # the user tower as a torch.export program
+TOWER_FILE = "user_tower.pt2"  # the user tower as a torch.export program (never loaded here)
+TOWER_WEIGHTS_FILE = "user_tower.safetensors"  # the user tower's weights: the torch backend
+PROBES_FILE = "user_tower_probes.json"  # probe requests + the exported program's vectors
 ONNX_FILE = "user_tower.onnx"  # the same tower as ONNX (optional: export.onnx=false drops it)
 MODEL_FILE = "model.pt"  # both towers' weights (optional, export.weights): for warm starts
 REQUIRED_FILES = (INDEX_FILE, ITEMS_FILE, USERS_FILE, META_FILE, TOWER_FILE)
@@ -68,15 +79,25 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: not a JSON object")
     for key in ("files", "dim", "metric", "normalized"):
         if key not in manifest:
             raise BundleError(f"{mpath}: missing key '{key}'")
+    if not isinstance(manifest["files"], dict) or not all(
+        isinstance(v, str) for v in manifest["files"].values()
+    ):
+        raise BundleError(f"{mpath}: 'files' must map file names to sha256 strings")
     if manifest["metric"] not in METRICS:
         raise BundleError(f"{mpath}: metric is {manifest['metric']!r}, expected 'ip' or 'l2'")
     files = manifest["files"]
     for rel in REQUIRED_FILES:
         if rel not in files:
             raise BundleError(f"{bundle / rel}: required file not listed in {mpath}")
+    for rel in files:
+        bundle_path(bundle, rel, f"files entry {rel!r}")
+    for name, entry in _named_files(manifest):
+        bundle_path(bundle, name, entry)
     for rel, digest in files.items():
         p = bundle / rel
         if not p.is_file():
@@ -86,6 +107,45 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
     if manifest["normalized"] and manifest["metric"] != "ip":
         raise BundleError(f"{mpath}: a normalised model must be searched with inner product")
     return manifest
+
+
+def bundle_path(bundle: Path, rel: Any, entry: str) -> Path:
+    """``bundle / rel`` for a file name read from the manifest (``entry`` says which), refused
+    with a :class:`BundleError` naming the entry unless it stays inside the bundle: a relative
+    path without ``..`` whose real path (symlinks followed) is under the bundle's."""
+    mpath = Path(bundle) / MANIFEST_FILE
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BundleError(f"{mpath}: {entry}: {rel!r} is not a file name")
+    pure = PurePosixPath(rel.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(rel).is_absolute() or ".." in pure.parts:
+        raise BundleError(
+            f"{mpath}: {entry}: {rel!r} leaves the bundle (absolute or '..'); bundle files "
+            "are named relative to the bundle directory"
+        )
+    path = Path(bundle) / rel
+    root = Path(bundle).resolve()
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise BundleError(
+            f"{mpath}: {entry}: {rel!r} resolves to {real}, outside the bundle {root} (a symlink)"
+        )
+    return path
+
+
+def _named_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(file name, manifest entry) of every file name the manifest holds outside ``files``."""
+    out: list[tuple[str, Any]] = []
+    if manifest.get("weights") is not None:
+        out.append((manifest["weights"], "'weights'"))
+    tower = manifest.get("user_tower")
+    if isinstance(tower, dict):
+        if "file" in tower:
+            out.append((tower["file"], "'user_tower.file'"))
+        for part in ("weights", "probes", "onnx"):
+            sub = tower.get(part)
+            if isinstance(sub, dict) and "file" in sub:
+                out.append((sub["file"], f"'user_tower.{part}.file'"))
+    return out
 
 
 def load_bundle_index(bundle: Path, manifest: dict[str, Any]) -> faiss.Index:
@@ -139,8 +199,8 @@ class Retriever:
 
     Args:
         bundle: the bundle directory (``export/<version>/`` of a run).
-        backend: "torch" (the ``torch.export`` program), "onnx" (onnxruntime) or "auto" (ONNX
-            when the bundle has it, else torch).
+        backend: "torch" (the tower rebuilt from its safetensors weights), "onnx"
+            (onnxruntime) or "auto" (ONNX when the bundle has it, else torch).
         verify: check checksums first (leave True unless the caller just did).
         threads: intra-op threads of the onnxruntime session (None = onnxruntime's default).
     """
@@ -180,11 +240,20 @@ class Retriever:
         self.item_row = {raw: idx for idx, raw in self.item_raw.items()}
         self.backend = self._pick_backend(backend)
         self._names = input_names(self.attr_names)
-        if self.backend == "onnx":
-            self.session = onnx_session(self.bundle / ONNX_FILE, threads)
+        self.tower = self._load_torch_tower()
+        self.session = None
+        if ONNX_FILE in self.manifest["files"]:
+            try:
+                self.session = onnx_session(self.bundle / ONNX_FILE, threads)
+            except Exception as exc:  # onnxruntime's own error types for an unreadable model
+                detail = " ".join(str(exc).split())[:300]
+                raise BundleError(
+                    f"{self.bundle / ONNX_FILE}: not a readable ONNX model: {detail}"
+                ) from None
             self._check_onnx_signature()
-        else:
-            self.tower = torch.export.load(str(self.bundle / TOWER_FILE)).module()
+        self._check_probes()
+        if self.backend == "torch":
+            self.session = None  # checked against the probes; not needed to serve
 
     # -- loading ----------------------------------------------------------------------------
     def _load_users(self) -> None:
@@ -217,6 +286,82 @@ class Retriever:
                 "export.onnx=false); use backend='torch'"
             )
         return backend
+
+    def _tower_part(self, part: str) -> dict[str, Any]:
+        """``manifest["user_tower"][part]``, a dict; refused naming the manifest when absent."""
+        mpath = self.bundle / MANIFEST_FILE
+        fmt = self.manifest.get("bundle_format")
+        tower = self.manifest.get("user_tower")
+        sub = tower.get(part) if isinstance(tower, dict) else None
+        if isinstance(fmt, int) and fmt < BUNDLE_FORMAT:
+            raise BundleError(
+                f"{mpath}: bundle_format {fmt} < {BUNDLE_FORMAT}: its torch tower is a "
+                "torch.export program, which this version never loads (loading unpickles); "
+                "export the run again"
+            )
+        if not isinstance(sub, dict):
+            raise BundleError(f"{mpath}: no 'user_tower.{part}' entry; export the run again")
+        return sub
+
+    def _listed(self, rel: str) -> Path:
+        """``bundle / rel`` after checking the manifest lists (and so checksums) it."""
+        if rel not in self.manifest["files"]:
+            raise BundleError(
+                f"{self.bundle / rel}: not listed in {self.bundle / MANIFEST_FILE}, so unverifiable"
+            )
+        return bundle_path(self.bundle, rel, f"files entry {rel!r}")
+
+    def _load_torch_tower(self) -> torch.nn.Module:
+        """The user tower rebuilt from ``user_tower.safetensors`` and the manifest's config.
+
+        Never ``torch.export.load``: it unpickles. safetensors holds tensors only.
+        """
+        weights = self._tower_part("weights")
+        path = self._listed(TOWER_WEIGHTS_FILE)
+        config = weights.get("config")
+        if not isinstance(config, dict):
+            raise BundleError(
+                f"{self.bundle / MANIFEST_FILE}: 'user_tower.weights.config' must be the "
+                "tower config (a JSON object)"
+            )
+        try:
+            return load_user_tower(path, config)
+        except ArtifactError as exc:
+            raise BundleError(str(exc)) from None
+
+    def _check_probes(self) -> None:
+        """Encode the stored probe users with every loaded backend; refuse the bundle
+        (:class:`BundleError` naming the backend's file) when one is off by the manifest's
+        tolerance or more."""
+        probes = self._tower_part("probes")
+        path = self._listed(PROBES_FILE)
+        tol = probes.get("tolerance")
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
+            raise BundleError(
+                f"{self.bundle / MANIFEST_FILE}: 'user_tower.probes.tolerance' must be a "
+                f"positive number, got {tol!r}"
+            )
+        try:
+            inputs, expected = read_probes(path, self._names)
+        except ArtifactError as exc:
+            raise BundleError(str(exc)) from None
+        backends = [(self.bundle / TOWER_WEIGHTS_FILE, "torch", torch_encoder(self.tower))]
+        if self.session is not None:
+            session, names = self.session, self._names
+            backends.append(
+                (self.bundle / ONNX_FILE, "onnx", lambda x: run_onnx(session, names, x))
+            )
+        for file, name, encode in backends:
+            try:
+                diff = probe_diff(encode, inputs, expected)
+            except Exception as exc:  # a tower that cannot run the probe inputs at all
+                detail = " ".join(str(exc).split())[:300]
+                raise BundleError(f"{file}: the {name} tower fails on {path}: {detail}") from None
+            if not diff < tol:
+                raise BundleError(
+                    f"{file}: the {name} tower disagrees with the probe users of {path} by "
+                    f"{diff:.3g} >= tolerance {tol:g} (weights or probes changed)"
+                )
 
     def _check_onnx_signature(self) -> None:
         path = self.bundle / ONNX_FILE
@@ -307,6 +452,41 @@ class Retriever:
         inputs = [np.array([OOV], dtype=np.int64), hist, *[codes[n] for n in self.attr_names]]
         return inputs, np.unique(rows)
 
+    def _check_cold_request(
+        self,
+        history: Sequence[str],
+        attributes: Mapping[str, Any],
+        rows: np.ndarray,
+        codes: Sequence[np.ndarray],
+    ) -> None:
+        """Refuse a cold-start request that gives the tower nothing it knows.
+
+        With no known history item and no known attribute value the query is the OOV row
+        alone: the same vector for everyone (scores of 0.0 and catalogue rows 1..k where the
+        OOV embeddings are zero), an answer that looks real but says nothing about the
+        request. One known history id or one known attribute value makes a real query
+        (unknown ids are then dropped, as documented). Raises :class:`ValueError` naming the
+        unknown ids and values.
+        """
+        if rows.size or any(bool(np.any(c != OOV)) for c in codes):
+            return
+        unknown_ids = [str(h) for h in history]
+        unknown_attrs = {k: v for k, v in attributes.items() if v is not None}
+        parts = []
+        if unknown_ids:
+            shown = ", ".join(repr(h) for h in unknown_ids[:10])
+            more = f" and {len(unknown_ids) - 10} more" if len(unknown_ids) > 10 else ""
+            parts.append(f"history item id(s) {shown}{more} are not in {self.bundle / ITEMS_FILE}")
+        if unknown_attrs:
+            parts.append(f"attribute value(s) {unknown_attrs} are not in {self.bundle / META_FILE}")
+        if not parts:
+            parts.append("the request has no history and no attribute value")
+        raise ValueError(
+            "cold-start request: nothing in it is known to the bundle: "
+            + "; ".join(parts)
+            + "; give at least one known item id or attribute value"
+        )
+
     # -- ranking ----------------------------------------------------------------------------
     def _search(self, vec: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
         """(ids, scores) of the first k results of one (1, dim) query not in ``exclude``.
@@ -360,6 +540,7 @@ class Retriever:
                 raise ValueError("give a user id, or a history and/or attributes (cold start)")
             self._rows([user])  # raises the unknown-user KeyError
         inputs, rows = self.request_inputs(history or [], attributes)
+        self._check_cold_request(history or [], attributes or {}, rows, inputs[2:])
         vec = self.encode(inputs)  # (1, dim)
         exclude = rows if exclude_seen else np.zeros(0, np.int64)
         return self._answer(user, *self._search(vec, exclude, k))
@@ -402,6 +583,7 @@ __all__ = [
     "BundleError",
     "Recommendation",
     "Retriever",
+    "bundle_path",
     "load_bundle_index",
     "sha256",
     "verify_bundle",

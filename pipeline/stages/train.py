@@ -29,7 +29,7 @@ from pipeline.core.rundir import (
     write_json,
 )
 from pipeline.training.batches import load_feature_tensors, load_pairs
-from pipeline.training.encoding import tower_config
+from pipeline.training.encoding import load_checkpoint, tower_config
 from pipeline.training.loop import (
     EpochCallback,
     make_phase,
@@ -64,7 +64,8 @@ def train_stage(
     ckpt = None
     ckpt_path = run.path(CHECKPOINT)
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # weights only: a checkpoint is tensors and plain containers; anything else is refused
+        ckpt = load_checkpoint(ckpt_path, ("spec_hash", "phase", "model", "optimizer"))
         if ckpt.get("spec_hash") != spec_hash:
             raise ValueError(
                 f"{ckpt_path}: checkpoint was written with a different train/model/loss config; "

@@ -3,12 +3,14 @@ a checkpoint, and encoding items and users with it in batches (embed, export, va
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.core.config import ModelConfig
+from pipeline.core.rundir import ArtifactError
 from pipeline.training.batches import FeatureTensors
 from towers import AttrSpec, TowerConfig, TwoTower
 
@@ -48,11 +50,66 @@ def tower_config(model: ModelConfig, meta: dict[str, Any]) -> TowerConfig:
     )
 
 
+def load_checkpoint(
+    path: Path, required: tuple[str, ...] = ("tower_config", "model")
+) -> dict[str, Any]:
+    """A checkpoint dict read with ``torch.load(..., weights_only=True)``: never unpickled.
+
+    A checkpoint holds tensors, dicts, lists, str, int, float, bool and None only (what
+    :mod:`pipeline.training.loop` and the export stage write), so the restricted unpickler
+    reads it; a file that asks for anything else (a pickled object, which could run code on
+    load) is refused rather than trusted, as is a corrupt file or one without the ``required``
+    keys. Raises :class:`ArtifactError` with one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (refused / corrupt), RuntimeError, EOFError...
+        raise ArtifactError(f"{path}: {weights_only_reason(exc)}") from None
+    if not isinstance(ckpt, dict):
+        raise ArtifactError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ArtifactError(f"{path}: checkpoint has no {missing} entries")
+    return ckpt
+
+
+def weights_only_reason(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` refused a file.
+
+    torch's own message is a dozen lines of advice (including "load it with
+    weights_only=False", which is what must not happen); its one useful part is the
+    "WeightsUnpickler error" detail: an unsupported global (the file wants to build an object:
+    refused, loading it could run code) or a bad opcode (not a torch file, or corrupt).
+    """
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", text, re.S)
+    detail = " ".join(found.group(1).split()) if found else ""
+    if detail.startswith("Unsupported global"):
+        return (
+            f"refused: it holds pickled objects, not only tensors and plain containers, and "
+            f"unpickling them could run code ({detail})"
+        )
+    if not detail:
+        detail = " ".join((text.strip().splitlines() or [type(exc).__name__])[0].split())
+    return f"not a readable checkpoint, corrupt or not written by torch.save ({detail[:200]})"
+
+
 def load_model(path: Path) -> tuple[TwoTower, dict[str, Any]]:
-    """Rebuild a TwoTower from a checkpoint file (best or latest); returns (model, checkpoint)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = TwoTower.from_config(TowerConfig(**tower_kwargs(ckpt["tower_config"])))
-    model.load_state_dict(ckpt["model"])
+    """Rebuild a TwoTower from a checkpoint file (best or latest); returns (model, checkpoint).
+
+    Read by :func:`load_checkpoint` (weights only); a tower config or state dict that does not
+    fit is an :class:`ArtifactError` naming the file.
+    """
+    ckpt = load_checkpoint(path)
+    try:
+        model = TwoTower.from_config(TowerConfig(**tower_kwargs(ckpt["tower_config"])))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"{path}: checkpoint does not rebuild a model: {first}") from None
     model.eval()
     return model, ckpt
 

@@ -60,7 +60,8 @@ class Previous:
 
     def load_model_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tower config dict, state dict) of the earlier model."""
-        import torch  # lazily: the features stage reads vocabularies only
+        # lazily: the features stage reads vocabularies only (this imports torch)
+        from pipeline.training.encoding import load_checkpoint
 
         if not self.weights.is_file():
             hint = (
@@ -69,15 +70,10 @@ class Previous:
                 else "its train stage has not finished"
             )
             raise ArtifactError(f"{self.key}: {self.weights} not found: {hint}")
-        try:
-            ckpt = torch.load(self.weights, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a bad file
-            raise ArtifactError(
-                f"{self.key}: {self.weights} is not a readable model: {exc}"
-            ) from None
-        for k in ("tower_config", "model"):
-            if not isinstance(ckpt, dict) or k not in ckpt:
-                raise ArtifactError(f"{self.key}: {self.weights} has no '{k}' entry")
+        try:  # torch.load(weights_only=True): a pickled object is refused, never run
+            ckpt = load_checkpoint(self.weights)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{self.key}: {exc}") from None
         return ckpt["tower_config"], ckpt["model"]
 
 

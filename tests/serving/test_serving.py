@@ -4,6 +4,7 @@ cold-start requests built from raw ids and values, and refusal of a bundle that 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -139,10 +140,10 @@ def test_cold_start_excludes_history_and_differs_from_oov_only(
     retriever = both[0]
     row = users.filter(pl.col("history").list.len() > 5).row(0, named=True)
     history = [item_raw[i] for i in row["history"]]
-    oov_only = retriever.query(None, k=20, history=[], attributes={})
+    with pytest.raises(ValueError, match="nothing in it is known"):  # OOV only: refused
+        retriever.query(None, k=20, history=[], attributes={})
     cold = retriever.recommend_cold(history, {}, k=20)
     assert len(cold) == 20 and not set(cold) & set(history)
-    assert cold != oov_only.items
     kept = retriever.recommend_cold(history, {}, k=20, exclude_seen=False)
     assert set(kept) & set(history)  # a history item is among its own nearest items
     # unknown ids are dropped: the answer is the same with or without them
@@ -152,6 +153,37 @@ def test_cold_start_excludes_history_and_differs_from_oov_only(
     value = next(iter(retriever.attr_codes[name]))
     with_attr = retriever.query(None, k=20, history=history, attributes={name: value})
     assert with_attr.scores != retriever.query(None, k=20, history=history).scores
+
+
+def test_cold_start_with_nothing_known_is_refused_naming_the_ids(
+    both, item_raw: dict[int, str]
+) -> None:
+    """All-unknown history ids (and no known attribute) used to answer catalogue rows 1..k
+    with score 0.0; now an error names the ids. One known id or value makes a real query."""
+    retriever = both[0]
+    with pytest.raises(ValueError, match=r"'nope-1', 'nope-2' are not in .*item_ids\.parquet"):
+        retriever.recommend_cold(["nope-1", "nope-2"], k=5)
+    name = retriever.attr_names[0]
+    with pytest.raises(ValueError, match=re.escape(f"attribute value(s) {{{name!r}: 'zz'}}")):
+        retriever.query(None, k=5, history=["nope-1"], attributes={name: "zz"})
+    with pytest.raises(ValueError, match="no history and no attribute value"):
+        retriever.recommend_cold([], {}, k=5)
+    known = retriever.recommend_cold(["nope-1", item_raw[1]], k=5)  # one known id: served
+    assert known == retriever.recommend_cold([item_raw[1]], k=5) and len(known) == 5
+    value = next(iter(retriever.attr_codes[name]))  # a known attribute value alone: served
+    rec = retriever.query(None, k=5, history=["nope-1"], attributes={name: value})
+    assert len(rec.items) == 5 and any(s != 0.0 for s in rec.scores)
+
+
+def test_cli_cold_start_with_unknown_ids_exits_2(bundle: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["recommend", "--bundle", str(bundle), "--history", "nope-1,nope-2", "-k", "5"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "nope-1" in res.output and "Traceback" not in res.output
 
 
 def test_unknown_user_with_a_history_is_a_cold_start(both, item_raw: dict[int, str]) -> None:
@@ -169,7 +201,16 @@ def test_unknown_user_with_a_history_is_a_cold_start(both, item_raw: dict[int, s
 
 
 # -- refused bundles -----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["user_tower.onnx", "user_tower.pt2", "users.parquet"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "user_tower.onnx",
+        "user_tower.pt2",
+        "user_tower.safetensors",
+        "user_tower_probes.json",
+        "users.parquet",
+    ],
+)
 def test_changed_byte_is_refused_naming_the_file(bundle: Path, tmp_path: Path, name) -> None:
     copy = _tamper(bundle, tmp_path)
     data = bytearray((copy / name).read_bytes())
