@@ -1,17 +1,24 @@
 """The one config schema of the pipeline, its YAML loader and dotted overrides.
 
-Every section is a strict pydantic model (``extra="forbid"``): a typo in a YAML key or an
-override is an error naming the key and the file it came from. Each stage receives only its
-own section, so a stage's config hash changes only when something it reads changes.
+Every section is a strict pydantic model (``extra="forbid"``, ``strict=True``): a typo in a
+YAML key or an override is an error naming the key and the file it came from, and a value of
+the wrong type is refused rather than coerced (``true`` is not the count 1, ``"3"`` not the
+number 3; an int is accepted where a float is expected). Every count, size, rate, probability
+and k carries its bounds, and settings that only fail together (e.g. ``features.history_len``
+and the exported user tower) are checked here, at config time, not hours later in a stage.
+Each stage receives only its own section, so a stage's config hash changes only when
+something it reads changes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields
 from datetime import datetime
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,7 +36,14 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors; no type coercion (no bool for an int, no text for a number)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+# numpy's RandomState (UMAP's random_state) and torch.manual_seed both take 0 <= seed < 2**32
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class ColumnMap(_Strict):
@@ -50,7 +64,7 @@ class SyntheticConfig(_Strict):
     mean_interactions: float = Field(30.0, gt=1)  # mean interactions per user (geometric)
     in_cluster: float = Field(0.8, ge=0, le=1)  # share of a user's items from its own cluster
     popularity_exponent: float = Field(1.0, ge=0)  # Zipf exponent of item popularity
-    seed: int = 0  # generator seed
+    seed: Seed = 0  # generator seed
 
 
 class DataConfig(_Strict):
@@ -62,7 +76,8 @@ class DataConfig(_Strict):
     items_path: str | None = None  # table source: optional item attribute table
     columns: ColumnMap = ColumnMap()  # table source: column mapping
     synthetic: SyntheticConfig = SyntheticConfig()  # synthetic source parameters
-    until: datetime | None = None  # keep interactions with timestamp <= until (naive = UTC)
+    # keep interactions with timestamp <= until (naive = UTC); ISO text accepted (--set, manifest)
+    until: datetime | None = Field(None, strict=False)
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -81,7 +96,7 @@ class FeaturesConfig(_Strict):
     valid_strategy: Literal["random", "last"] = "random"  # which train events go to valid
     history_len: int = Field(50, ge=0)  # last N train items kept as the user's history
     audience_len: int = Field(50, ge=0)  # last N users of each item kept as its audience
-    seed: int = 0  # seed for the random validation carve
+    seed: Seed = 0  # seed for the random validation carve
     vocab_from: str | None = None  # previous run dir or bundle: old ids keep their rows
 
 
@@ -101,7 +116,7 @@ class ModelConfig(_Strict):
     gate_learnable: bool = False  # gated: learn g (a sigmoid of a scalar) instead of fixing it
     history_transform: bool = True  # gated: a learnable dim x dim map V on the pooled history
     history_dropout: float = Field(0.0, ge=0, lt=1)  # training: drop history/audience entries
-    hidden: list[int] = []  # MLP hidden sizes after the concat; [] = one linear layer
+    hidden: list[PositiveInt] = []  # MLP hidden sizes after the concat; [] = one linear layer
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout inside the MLP
     normalize: bool = True  # L2-normalise both towers' outputs (cosine / inner product)
 
@@ -115,9 +130,9 @@ class LossConfig(_Strict):
     logq: bool = True  # softmax: subtract log sampling probability of each candidate
     logq_source: Literal["counts", "streaming"] = "counts"  # train counts or streaming estimate
     logq_weight: float = Field(1.0, ge=0)  # softmax: subtract logq_weight * log q (1 = Yi et al.)
-    margin: float = 0.1  # triplet: margin between positive and negative similarity
-    ccl_margin: float = 0.8  # ccl: negatives with cosine below this cost nothing
-    ccl_negative_weight: float | None = None  # ccl: weight of the negative term (None = 1)
+    margin: float = Field(0.1, ge=0, le=2)  # triplet: margin between pos. and neg. similarity
+    ccl_margin: float = Field(0.8, ge=-1, le=1)  # ccl: negatives with cosine below this: free
+    ccl_negative_weight: float | None = Field(None, ge=0)  # ccl: negative term's weight (None=1)
 
 
 class NegativesConfig(_Strict):
@@ -132,11 +147,17 @@ class NegativesConfig(_Strict):
     hard_start_epoch: int = Field(1, ge=0)  # first epoch that uses mined negatives
     hard_rank_lo: int = Field(10, ge=0)  # mined window: ranks [lo, hi) among non-positives
     hard_rank_hi: int = Field(100, ge=1)
-    hard_pool: int | None = None  # candidates kept per user (None = the whole window)
+    hard_pool: int | None = Field(None, ge=1)  # candidates kept per user (None = whole window)
     hard_margin: float | None = None  # keep only negatives scoring below positive - margin
-    hard_factory: str = "Flat"  # FAISS index used for mining
+    hard_factory: str = "Flat"  # FAISS index used for mining (checked like index.factory)
     memory: int = Field(0, ge=0)  # cross-batch memory: recent item vectors as negatives (0 = off)
     memory_start_epoch: int = Field(1, ge=0)  # first epoch that scores the memory (warm-up)
+
+    @field_validator("hard_factory")
+    @classmethod
+    def _hard_factory_parses(cls, value: str) -> str:
+        """Reject an unparsable mining index now, not in the first mining epoch."""
+        return _check_factory(value)
 
     @model_validator(mode="after")
     def _window(self) -> NegativesConfig:
@@ -157,11 +178,20 @@ class TrainConfig(_Strict):
     lr_min: float = Field(0.0, ge=0)  # cosine: the learning rate reached at the last epoch
     patience: int = Field(8, ge=1)  # epochs without valid improvement before stopping
     valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
-    seed: int = 0  # seed of init and batch order
+    seed: Seed = 0  # seed of init and batch order
     refit: bool = True  # after selection, retrain on train+valid for the best epoch count
-    threads: int | None = None  # torch intra-op threads; None = torch's default
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
     progress: bool = True  # show a progress bar
     warm_start: str | None = None  # previous run dir or bundle: known ids' rows start from it
+
+    @model_validator(mode="after")
+    def _lr_floor(self) -> TrainConfig:
+        if self.lr_schedule == "cosine" and self.lr_min > self.lr:
+            raise ValueError(
+                f"train.lr_min ({self.lr_min}) must not exceed train.lr ({self.lr}): the cosine "
+                "schedule decays lr to lr_min"
+            )
+        return self
 
 
 class IndexConfig(_Strict):
@@ -191,35 +221,22 @@ class IndexConfig(_Strict):
     @classmethod
     def _factory_parses(cls, value: str) -> str:
         """Reject a factory string faiss cannot parse now, not after hours of training."""
-        value = value.strip()
-        if value in ("auto", "Flat"):
-            return value
-        import faiss  # lazily: only configs with a non-default index pay the import
-
-        try:
-            faiss.index_factory(64, value)
-        except RuntimeError as exc:
-            if "could not parse" in str(exc):
-                raise ValueError(
-                    f"faiss cannot parse index factory string {value!r}; use 'auto', 'Flat', "
-                    "'IVF1024,Flat', 'IVF1024,PQ32x4fs,RFlat', 'HNSW32', 'IVF1024,SQ8', ..."
-                ) from None
-        return value  # other errors depend on the real dimension: checked at build time
+        return value.strip() if value.strip() == "auto" else _check_factory(value)
 
 
 class EvalConfig(_Strict):
     """The offline evaluation protocol (DESIGN.md), its baselines, breakdowns and report."""
 
-    ks: list[int] = [10, 20, 50, 100]  # cut-offs of every metric@k
+    ks: list[PositiveInt] = [10, 20, 50, 100]  # cut-offs of every metric@k
     batch_size: int = Field(1024, ge=1)  # users scored per batch
     item_knn: bool = True  # run the item-kNN baseline (cosine on train+valid interactions)
     knn_neighbours: int = Field(100, ge=1)  # item-kNN: most similar items kept per item
-    activity_cuts: list[int] = []  # most train+valid events of cold, medium users; [] = terciles
+    activity_cuts: list[PositiveInt] = []  # most train+valid events of cold, medium; []=terciles
     popularity_shares: list[float] = [0.2, 0.5]  # catalogue shares ending head, torso (by pop)
     health_sample: int = Field(5000, ge=2)  # vectors and positive pairs drawn for align/uniform
     umap: bool = True  # 2-D UMAP map of item embeddings in the report (slow: ~30 s)
     umap_sample: int = Field(5000, ge=10)  # items drawn for the map
-    seed: int = 0  # seed of the samples above and of UMAP's random_state
+    seed: Seed = 0  # seed of the samples above and of UMAP's random_state
 
     @model_validator(mode="after")
     def _ks_positive(self) -> EvalConfig:
@@ -241,14 +258,37 @@ class EvalConfig(_Strict):
         return self
 
 
+def plain_name(value: str, what: str) -> str:
+    """``value`` when it can name one directory or file inside another: not empty, not ``.`` or
+    ``..``, no ``/`` or ``\\`` (so not absolute either) and no NUL. ``what`` says what it names,
+    for the error (a ``ValueError``, which the loader reports with the key and the file)."""
+    bad = (
+        not value
+        or value in (".", "..")
+        or any(c in value for c in ("/", "\\", "\x00"))
+        or value != value.strip()
+    )
+    if bad:
+        raise ValueError(
+            f"{value!r} must be a plain name for {what}: not empty, not '.' or '..', without "
+            "'/' or '\\' and without surrounding spaces (it must not leave its directory)"
+        )
+    return value
+
+
 class ExportConfig(_Strict):
     """The serving bundle."""
 
-    version: str | None = None  # bundle version; None = UTC timestamp
+    version: str | None = None  # bundle version (a directory name); None = UTC timestamp
     onnx: bool = True  # also write the user tower as ONNX (user_tower.onnx), checked at export
     onnx_tolerance: float = Field(1e-4, gt=0)  # max |onnxruntime - torch| on the check batch
     onnx_check_rows: int = Field(512, ge=1)  # users (from row 0, the OOV row) in the check batch
     weights: bool = True  # ship model.pt (both towers' weights) so a run can warm-start from it
+
+    @field_validator("version")
+    @classmethod
+    def _version_is_a_directory_name(cls, v: str | None) -> str | None:
+        return None if v is None else plain_name(v, "the bundle directory export/<version>")
 
 
 class TrackingConfig(_Strict):
@@ -257,6 +297,64 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in the work directory
     experiment: str = "twotower"
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        """Refuse a store MLflow has no backend for now, not when the first stage logs."""
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must not be empty (leave it null for $MLFLOW_TRACKING_URI)")
+        scheme = tracking_scheme(value)
+        if scheme not in TRACKING_SCHEMES and scheme not in _plugin_schemes():
+            raise ValueError(
+                f"unknown tracking store scheme {scheme!r} in {value!r}; use a local path, "
+                "'file:', 'sqlite:///', 'postgresql://', 'mysql://', 'mssql://', 'http(s)://' "
+                "or 'databricks'"
+            )
+        return value
+
+
+# The tracking-store schemes MLflow 3 registers (mlflow.tracking._tracking_service.utils;
+# "" = a local path, i.e. a file store); database URIs may name a driver ("postgresql+psycopg2").
+TRACKING_SCHEMES = frozenset(
+    {"", "file", "databricks", "databricks-uc", "uc", "http", "https"}
+    | {"postgresql", "mysql", "sqlite", "mssql"}
+)
+
+
+def tracking_scheme(uri: str) -> str:
+    """The scheme MLflow picks a tracking store by: ``""`` for a plain path (also a Windows
+    drive letter), the database engine for ``engine+driver://``, else the URI's scheme."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", uri.strip())
+    if match is None or len(match.group(1)) == 1:
+        return ""
+    return match.group(1).lower().split("+", 1)[0]
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes added by installed MLflow tracking-store plugins (entry points)."""
+    return {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+
+
+def _check_factory(value: str) -> str:
+    """``value`` stripped, after checking faiss can parse it as an index factory string."""
+    value = value.strip()
+    if value == "Flat":
+        return value
+    import faiss  # lazily: only configs with a non-default index pay the import
+
+    try:
+        faiss.index_factory(64, value)
+    except RuntimeError as exc:
+        if "could not parse" in str(exc):
+            raise ValueError(
+                f"faiss cannot parse index factory string {value!r}; use 'Flat', "
+                "'IVF1024,Flat', 'IVF1024,PQ32x4fs,RFlat', 'HNSW32', 'IVF1024,SQ8', ... "
+                "(index.factory also takes 'auto')"
+            ) from None
+    return value  # other errors depend on the real dimension: checked at build time
 
 
 class RegistryConfig(_Strict):
@@ -305,12 +403,32 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, v: str) -> str:
+        return plain_name(v, "the run directory <name>-<hash> and the lock file")
+
     @model_validator(mode="after")
     def _metric_agrees(self) -> Config:
         if self.model.normalize and self.index.metric != "ip":
             raise ValueError(
                 "index.metric must be 'ip' when model.normalize is true: the towers are "
                 "trained on inner products of L2-normalised vectors"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _history_exportable(self) -> Config:
+        """The bundle's user tower is a ``torch.export`` program with a dynamic history length
+        (width ``max(history_len, 1)``); torch.export specialises a length of 0 or 1, so such a
+        run would train and evaluate and then fail at export. Refuse it now, saying why (the
+        features stage alone handles any length >= 0)."""
+        if self.features.history_len < 2:
+            raise ValueError(
+                f"features.history_len must be >= 2, got {self.features.history_len}: the "
+                "serving bundle exports the user tower with a dynamic history length and "
+                "torch.export cannot export a length of 0 or 1 (to train without the history, "
+                "set model.user_history: false)"
             )
         return self
 
@@ -335,14 +453,41 @@ class TrainSpec:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line naming every offending key (``model.hidden[0]``), the source and the value."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+        if not key:  # a check across sections: its message names the keys
+            lines.append(f"invalid config in {source}: {e['msg'].removeprefix('Value error, ')}")
+            continue
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}' in {source}")
-        else:
-            lines.append(f"invalid value for '{key}' in {source}: {e['msg']}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if value is not None and not isinstance(value, dict | list) and e["type"] != "value_error":
+            msg += f" (got {json.dumps(value, default=str)})"  # YAML spelling: true, null, "3"
+        lines.append(f"invalid value for '{key}' in {source}: {msg}")
     return "; ".join(lines)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading YAML 1.2 floats: ``1e-4`` and ``3e3`` are numbers.
+
+    PyYAML implements YAML 1.1, where a float needs a dot and a signed exponent, so ``lr: 1e-4``
+    would be the text "1e-4", which the strict schema (rightly) refuses as a number."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    """Parse YAML text with :class:`_YamlLoader` (config files and ``--set`` values alike)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -353,7 +498,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.split("."), _yaml(raw) if raw.strip() else None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -386,7 +531,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if loaded is None:
