@@ -2,7 +2,9 @@
 
 Runs with no server (Prefect's ephemeral local mode) or against a Prefect server when
 ``PREFECT_API_URL`` is set. Tasks are the stages of ``pipeline.core.stages``; the I/O-bound ones
-(ingest, export) retry on failure. Stage inputs pass through the run directory only.
+(ingest, export) retry a transient I/O error only (``flows.failures.retry_condition``), never a
+validation error, which fails at once as one line. Stage inputs pass through the run directory
+only.
 
 Re-runs are cheap: the default run directory is named by the hash of the config and the raw
 inputs, a stage whose inputs (config sections, upstream outputs, raw files) are unchanged and
@@ -10,6 +12,13 @@ whose outputs are intact is skipped (its task ends in a Completed state named "S
 an interrupted training resumes from its checkpoint. The whole flow holds the pipeline's lock
 (``pipeline.core.lock``): a second retrain of the same config name in the same work directory
 fails at once, naming the lock file.
+
+What a killed run (SIGKILL, OOM) leaves is cleaned up by the next one: importing this module
+marks the processes it starts (:func:`pipeline.core.lock.mark_children`), so Prefect's temporary
+API server orphaned by a killed run is stopped when the lock is next taken; a run that takes the
+lock over from a dead holder marks the MLflow runs that holder left RUNNING as KILLED; every run
+sweeps the hidden temporary files of its run directory; the export stage replaces a bundle
+directory that has no export record (a kill between its rename and the record).
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 import flows.env  # noqa: F401  (sets telemetry/timeouts before prefect is imported)
+from flows.failures import quiet_expected_failures, retry_condition
 from pipeline.core.config import Config, load_config
-from pipeline.core.lock import pipeline_lock
+from pipeline.core.lock import LockHold, mark_children, pipeline_lock
 from pipeline.core.rundir import EVAL_REPORT, RunDir, StageRecord
 from pipeline.core.runner import (
     TrackingContext,
@@ -31,9 +41,13 @@ from pipeline.core.runner import (
     finish_tracking,
     init_run,
     run_stage,
+    sweep_temporaries,
 )
 from pipeline.core.stages import STAGES
 from pipeline.release.tracking import Tracker
+
+quiet_expected_failures()  # a validation error: Prefect's state line, no tracebacks
+mark_children()  # Prefect's temporary server (started at the flow call) carries our marker
 
 
 @task(cache_policy=NO_CACHE)
@@ -89,8 +103,8 @@ def retrain(
         overrides.append(f"data.until={_until(until)}")
     cfg = load_config(config, overrides)
     work = Path(workdir)
-    with pipeline_lock(work, cfg.name):
-        return _retrain(cfg, work, run_dir, reuse)
+    with pipeline_lock(work, cfg.name) as hold:
+        return _retrain(cfg, work, run_dir, reuse, hold)
 
 
 def _until(until: str) -> str:
@@ -102,15 +116,26 @@ def _until(until: str) -> str:
     return flow_run.scheduled_start_time.isoformat()
 
 
-def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool) -> str:
-    """The flow's body, run while the pipeline's lock is held."""
+def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool, hold: LockHold) -> str:
+    """The flow's body, run while the pipeline's lock is held (``hold``): first clean up what a
+    killed run left (temporary files; after a takeover, its MLflow runs left RUNNING)."""
     from pipeline.release.gate import resolve_champion  # lazily: the MLflow registry
 
     cfg = resolve_champion(cfg, work)
     run = RunDir(run_dir) if run_dir else default_run_dir(work, cfg)
+    sweep_temporaries(run)
     init_run(run, cfg)
     tracker = Tracker(cfg.tracking, work)
+    if hold.previous is not None:
+        dead = hold.previous
+        for where in {str(run.root.resolve()), dead.get("run_dir") or ""}:
+            killed = tracker.mark_killed([dead.get("mlflow_parent_run_id", "")], run_dir=where)
+            if killed:
+                get_run_logger().warning(
+                    f"marked {len(killed)} MLflow run(s) of the dead run as KILLED"
+                )
     parent = tracker.start(f"{cfg.name}/{run.root.name}", tags={"run_dir": str(run.root.resolve())})
+    hold.note(mlflow_parent_run_id=parent, run_dir=str(run.root.resolve()))
     tracker.log_params(parent, cfg.model_dump(mode="json"))
     m = run.manifest()
     m["mlflow"] = {
@@ -126,9 +151,12 @@ def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool) -> str:
             if not stage.enabled(cfg):
                 continue
             options = {"workdir": work} if stage.tracks_itself else {}  # the gate's store
-            stage_task.with_options(name=stage.name, retries=stage.retries, retry_delay_seconds=2)(
-                stage.name, cfg, run, ctx, reuse, return_state=True, **options
-            ).result()
+            stage_task.with_options(
+                name=stage.name,
+                retries=stage.retries,
+                retry_delay_seconds=2,
+                retry_condition_fn=retry_condition,  # transient I/O errors only
+            )(stage.name, cfg, run, ctx, reuse, return_state=True, **options).result()
         if cfg.registry.enabled:
             _gate_artifact(run)
         ok = True

@@ -11,9 +11,9 @@ import typer
 
 from flows.cli.common import ConfigOpt, SetOpt, app, fail, stage_config
 from pipeline.core.config import ConfigError, load_config
-from pipeline.core.lock import PipelineBusyError
+from pipeline.core.lock import PipelineBusyError, pipeline_lock
 from pipeline.core.rundir import EVAL_REPORT, ArtifactError, RunDir, StageRecord
-from pipeline.core.runner import TrackingContext, check_run_config, run_stage
+from pipeline.core.runner import TrackingContext, check_run_config, run_stage, sweep_temporaries
 from pipeline.core.stages import STAGES
 
 RunOpt = Annotated[Path, typer.Option("--run", help="the run directory")]
@@ -93,7 +93,12 @@ def run_single(
     **kwargs: Any,
 ) -> StageRecord:
     """One stage against an existing run directory (ingest may create it), tracked under the
-    run's MLflow parent run; every expected error becomes :func:`fail`."""
+    run's MLflow parent run; every expected error becomes :func:`fail`.
+
+    Holds the same lock as ``twotower run`` (``<run's parent>/.locks/<config name>.lock``): a
+    stage never writes a run directory another command is writing (exit 2 naming the holder).
+    Taking the lock over from a dead holder marks the MLflow runs it left RUNNING as KILLED;
+    hidden temporary files an interrupted writer left in the run directory are removed."""
     from pipeline.release.gate import resolve_champion  # "champion" -> the bundle's path
     from pipeline.release.tracking import Tracker
 
@@ -103,11 +108,19 @@ def run_single(
             raise ArtifactError(f"{rd.root}: run directory does not exist")
         cfg = resolve_champion(stage_config(rd, config, overrides), rd.root.parent)
         check_run_config(rd, cfg, stage)
-        tracker = Tracker(cfg.tracking, rd.root.parent)
-        parent = rd.manifest().get("mlflow", {}).get("parent_run_id", "")
-        ctx = TrackingContext(tracker, parent)
-        return run_stage(stage, cfg, rd, ctx, reuse=reuse, **kwargs)
-    except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
+        with pipeline_lock(rd.root.parent, cfg.name) as hold:
+            sweep_temporaries(rd)
+            tracker = Tracker(cfg.tracking, rd.root.parent)
+            parent = rd.manifest().get("mlflow", {}).get("parent_run_id", "")
+            if hold.previous is not None:
+                dead = hold.previous
+                tracker.mark_killed([dead.get("mlflow_parent_run_id", ""), parent])
+                if dead.get("run_dir"):
+                    tracker.mark_killed(run_dir=dead["run_dir"])
+            hold.note(mlflow_parent_run_id=parent, run_dir=str(rd.root.resolve()))
+            ctx = TrackingContext(tracker, parent)
+            return run_stage(stage, cfg, rd, ctx, reuse=reuse, **kwargs)
+    except (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError) as exc:
         fail(str(exc))
 
 

@@ -194,9 +194,18 @@ class RunDir:
 
     # -- manifest ---------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
-        """The manifest, or an empty one if the run directory is new."""
+        """The manifest, or an empty one if the run directory is new; an unreadable one is an
+        :class:`ArtifactError` naming the file (not a bare JSONDecodeError)."""
         p = self.path(MANIFEST)
-        return json.loads(p.read_text()) if p.is_file() else {"stages": {}}
+        if not p.is_file():
+            return {"stages": {}}
+        try:
+            manifest = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{p}: not a valid JSON manifest ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{p}: the manifest must be a JSON object")
+        return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         # insertion order kept: stages appear in the order they ran

@@ -20,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
+import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +34,7 @@ from typing import Any, Protocol
 
 from pipeline.core.config import Config, dump_config
 from pipeline.core.hashing import files_hash, sections_hash
-from pipeline.core.rundir import EVAL_REPORT, MANIFEST, RunDir, StageRecord
+from pipeline.core.rundir import EVAL_REPORT, EXPORT_DIR, MANIFEST, RunDir, StageRecord
 from pipeline.core.stages import STAGES, resolve, stage, upstream
 
 log = logging.getLogger(__name__)
@@ -241,6 +244,7 @@ def run_stage(
                 log.warning("%s: %s resumes from %s", run.root, name, st.resume_from)
                 kwargs.setdefault("resume", True)
     _set_attempt(run, name, in_hash)
+    _test_kill(name)
     run_id = ""
     if tracker is not None:
         run_id = tracker.start(name, parent_id=tracking.parent_id or None, tags={"stage": name})
@@ -250,6 +254,8 @@ def run_stage(
             kwargs.setdefault(
                 "on_epoch", lambda epoch, m: tracker.log_metrics(run_id, m, step=epoch)
             )
+    if st.reports_epochs and os.environ.get(KILL_ENV) == f"{name}:epoch":
+        kwargs["on_epoch"] = _killing_after_first_epoch(kwargs.get("on_epoch"), name)
     t0 = time.time()
     try:
         rec = fn(cfg, run, **kwargs)
@@ -261,6 +267,7 @@ def run_stage(
     rec.seconds = time.time() - t0
     rec.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     rec.input_hash, rec.output_hash, rec.skipped = in_hash, output_hash(run, rec.outputs), False
+    _test_kill(f"{name}:end")  # outputs written, record not yet
     run.record(rec)
     _set_attempt(run, name, None)
     if tracker is not None:
@@ -273,6 +280,62 @@ def run_stage(
         tracker.log_artifacts(run_id, files, artifact_path=name)
         tracker.end(run_id)
     return rec
+
+
+KILL_ENV = "TWOTOWER_TEST_KILL_AT"  # test-only: SIGKILL this process at a fixed point
+
+
+def _test_kill(point: str) -> None:
+    """Test-only crash hook (tests/flows/test_crash.py): SIGKILL this process when
+    ``$TWOTOWER_TEST_KILL_AT`` is ``point``, so a crash lands at a deterministic place.
+
+    Points: ``<stage>`` (the attempt is noted in the manifest, nothing written yet),
+    ``<stage>:end`` (the stage's outputs are written, its record is not) and, for a stage
+    reporting epochs, ``<stage>:epoch`` (after the first epoch's checkpoint). Only this process
+    is killed, as ``kill -9 PID`` would: what it started (Prefect's server) is left orphaned.
+    """
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _killing_after_first_epoch(
+    on_epoch: Callable[[int, dict[str, float]], None] | None, name: str
+) -> Callable[[int, dict[str, float]], None]:
+    """``on_epoch`` followed by :func:`_test_kill` of ``<name>:epoch`` (test-only hook)."""
+
+    def wrapped(epoch: int, metrics: dict[str, float]) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        _test_kill(f"{name}:epoch")
+
+    return wrapped
+
+
+def sweep_temporaries(run: RunDir) -> list[Path]:
+    """Delete what an interrupted writer left in ``run``: hidden temporary files
+    (``.<name>.*.tmp`` of :func:`pipeline.core.rundir.atomic_path`) anywhere in it and the
+    hidden build directories of the export stage (``export/.<version>.*``). Call it only while
+    holding the pipeline's lock (no live writer then); returns what was removed.
+    """
+    if not run.root.is_dir():
+        return []
+    gone = [p for p in run.root.rglob(".*.tmp") if p.is_file() or p.is_symlink()]
+    export = run.root / EXPORT_DIR
+    if export.is_dir():
+        gone += [p for p in export.iterdir() if p.name.startswith(".")]
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if gone:
+        log.warning(
+            "%s: removed %d temporary file(s) left by an interrupted run: %s",
+            run.root,
+            len(gone),
+            ", ".join(str(p.relative_to(run.root)) for p in gone),
+        )
+    return gone
 
 
 def _set_attempt(run: RunDir, stage: str, in_hash: str | None) -> None:

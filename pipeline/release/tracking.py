@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.config import TrackingConfig
@@ -128,6 +129,41 @@ class Tracker:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(run_id, status)
 
+    def mark_killed(self, parent_ids: Iterable[str] = (), run_dir: str | None = None) -> list[str]:
+        """Mark as KILLED the runs a dead writer left RUNNING: the parent runs ``parent_ids``
+        (from the dead lock holder's owner record), the parent runs tagged ``run_dir`` and every
+        run nested under them. Only RUNNING runs change; call it only while holding the
+        pipeline's lock (then no live writer of these runs exists). Returns the ids marked.
+        """
+        if self.client is None:
+            return []
+        parents = {p for p in parent_ids if p}
+        if run_dir:
+            tagged = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.run_dir = '{_quoted(run_dir)}'",
+                max_results=10_000,
+            )
+            parents |= {r.info.run_id for r in tagged}
+        marked: list[str] = []
+        for parent in sorted(parents):
+            nested = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{_quoted(parent)}' "
+                "and attributes.status = 'RUNNING'",
+                max_results=10_000,
+            )
+            ids = [r.info.run_id for r in nested]
+            try:
+                if self.client.get_run(parent).info.status == "RUNNING":
+                    ids.append(parent)
+            except MlflowException:  # a parent of another store / deleted: nothing to mark
+                pass
+            for run_id in ids:
+                self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+            marked += ids
+        return marked
+
     def run_url(self, run_id: str) -> str:
         """Where to find a run: the URI and the run id (a UI serves it from the same store)."""
         return (
@@ -135,6 +171,11 @@ class Tracker:
             if run_id
             else "(tracking off)"
         )
+
+
+def _quoted(value: str) -> str:
+    """``value`` inside a single-quoted MLflow search string."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _metric_key(name: str) -> str:

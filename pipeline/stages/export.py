@@ -7,10 +7,17 @@ Bundle layout (``export/<version>/``; the file names are constants of
 - ``index.faiss``          the item index (ids are item rows)
 - ``item_ids.parquet``     item row -> raw item id (raw history ids -> rows at request time)
 - ``users.parquet``        raw user id -> user row, recent history, seen items, attribute codes
-- ``user_tower.pt2``       the user tower as a ``torch.export`` program (``torch.export.load``)
+- ``user_tower.pt2``       the user tower as a ``torch.export`` program, for other consumers:
+                           this package never loads it (``torch.export.load`` unpickles)
+- ``user_tower.safetensors`` the user tower's weights; with its ``TowerConfig`` (manifest
+                           ``user_tower.weights.config``) serving rebuilds the tower from this
+                           package's code (:mod:`pipeline.serving.tower`)
+- ``user_tower_probes.json`` a few user requests and the vectors the exported program gave for
+                           them; serving checks every backend it loads against them
 - ``user_tower.onnx``      the same tower as ONNX, checked against torch with onnxruntime
 - ``model.pt``             both towers' weights and tower config (``export.weights``), so a
-                           later run can warm-start from the bundle (``train.warm_start``)
+                           later run can warm-start from the bundle (``train.warm_start``);
+                           tensors and plain containers only (read with ``weights_only=True``)
 - ``feature_meta.json``    attribute vocabularies (value ``values[i]`` -> code ``i + 1``), table
                            sizes, the tower's input order and the transforms a raw request needs
 - ``manifest.json``        versions, dim, metric, normalisation, index parameters, evaluation
@@ -22,6 +29,7 @@ half a bundle.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shutil
@@ -71,8 +79,18 @@ from pipeline.serving.retriever import (
     META_FILE,
     MODEL_FILE,
     ONNX_FILE,
+    PROBES_FILE,
     TOWER_FILE,
+    TOWER_WEIGHTS_FILE,
     USERS_FILE,
+)
+from pipeline.serving.tower import (
+    WEIGHTS_FORMAT,
+    load_user_tower,
+    probe_diff,
+    save_user_tower,
+    torch_encoder,
+    write_probes,
 )
 from pipeline.training.batches import FeatureTensors, load_feature_tensors
 from pipeline.training.encoding import load_model
@@ -126,6 +144,43 @@ def _index_params(index_meta: dict[str, Any], index_path: Path) -> dict[str, Any
     return out
 
 
+def _unrecorded_bundle(run: RunDir, final: Path, version: str) -> bool:
+    """Whether ``final`` (``export/<version>``) exists but no export record names it.
+
+    A bundle the manifest's export record names is a finished export: refused (an
+    ArtifactError naming it; pick another ``export.version``). One without a record was left
+    by an export killed between renaming the bundle into place and recording it (every
+    writer holds the pipeline's lock, so no export is still running): it is ours to replace,
+    which the caller does once the new bundle is built (said in one warning line).
+    """
+    if not final.exists():
+        return False
+    recorded = (run.stage_record("export") or {}).get("outputs", {}).get("bundle")
+    if recorded == f"{EXPORT_DIR}/{version}":
+        raise ArtifactError(
+            f"{final}: bundle version '{version}' already exists; pick another export.version"
+        )
+    logging.getLogger(__name__).warning(
+        "%s: replacing bundle version '%s': the manifest has no export record of it "
+        "(an export interrupted after its rename)",
+        final,
+        version,
+    )
+    return True
+
+
+def _into_place(tmp: Path, final: Path, replace: bool) -> None:
+    """Rename the built bundle ``tmp`` to ``final``; with ``replace``, the unrecorded bundle
+    there first moves aside to a hidden name (swept by the next run if this one is killed)."""
+    if replace:
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, aside / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, final)
+
+
 def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
     """Assemble the serving bundle under ``export/<version>/`` (built aside, then renamed)."""
     for rel in (INDEX, INDEX_META, EMBED_META, BEST_CHECKPOINT, USER_VOCAB, ITEM_VOCAB):
@@ -135,10 +190,7 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
             )
     version = cfg.version or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     final = run.path(EXPORT_DIR) / version
-    if final.exists():
-        raise ArtifactError(
-            f"{final}: bundle version '{version}' already exists; pick another export.version"
-        )
+    stale = _unrecorded_bundle(run, final, version)  # refuses a recorded bundle
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=final.parent))
     try:
@@ -166,7 +218,7 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
             "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files},
         }
         write_json(manifest, tmp / MANIFEST_FILE)
-        os.replace(tmp, final)
+        _into_place(tmp, final, stale)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -225,6 +277,13 @@ def _write_bundle(cfg: ExportConfig, run: RunDir, out: Path) -> dict[str, Any]:
     example = ft.user_batch(torch.arange(1, min(ft.n_users, 3)), "all")
     attr_names, program, args = export_user_tower(model.user_tower, example, out / TOWER_FILE)
     tower: dict[str, Any] = {"file": TOWER_FILE, "format": "torch.export"}
+    save_user_tower(model.user_tower, out / TOWER_WEIGHTS_FILE)
+    tower["weights"] = {
+        "file": TOWER_WEIGHTS_FILE,
+        "format": WEIGHTS_FORMAT,
+        "config": asdict(model.config),  # plain JSON: TowerConfig.from_dict rebuilds it
+    }
+    tower["probes"] = _write_probes(cfg, program, tower["weights"]["config"], attr_names, ft, out)
     if cfg.onnx:
         tower["onnx"] = _write_onnx(cfg, program, args, attr_names, ft, out / ONNX_FILE)
 
@@ -257,6 +316,55 @@ def _write_bundle(cfg: ExportConfig, run: RunDir, out: Path) -> dict[str, Any]:
     return tower
 
 
+PROBE_ROWS = 8  # known users (from row 0, the OOV row) in the probe set, plus one cold start
+
+
+def _check_batch(ft: FeatureTensors, n: int) -> dict[str, torch.Tensor]:
+    """A user batch of rows 0..n-1 (row 0: the OOV user) plus a cold-start row: the OOV user
+    with user 1's history and attributes (the two shapes of a serving request)."""
+    rows = torch.arange(0, min(ft.n_users, n))
+    batch = ft.user_batch(rows, "all")
+    if rows.numel() > 1:
+        cold = {k: v[1:2].clone() for k, v in batch.items()}
+        cold["user_idx"].zero_()
+        batch = {k: torch.cat([v, cold[k]]) for k, v in batch.items()}
+    return batch
+
+
+def _write_probes(
+    cfg: ExportConfig,
+    program: torch.export.ExportedProgram,
+    config: dict[str, Any],
+    attr_names: list[str],
+    ft: FeatureTensors,
+    out: Path,
+) -> dict[str, Any]:
+    """``user_tower_probes.json``: probe requests and the exported program's vectors for them,
+    after checking that the tower rebuilt from ``user_tower.safetensors`` (what serving's torch
+    backend runs) gives the same vectors within ``export.onnx_tolerance``."""
+    names = input_names(attr_names)
+    batch = _check_batch(ft, PROBE_ROWS)
+    inputs = [batch["user_idx"], batch["history"], *[batch[f"ua_{n}"] for n in attr_names]]
+    arrays = [x.numpy().astype(np.int64) for x in inputs]
+    with torch.no_grad():
+        expected = program.module()(*inputs).numpy().astype(np.float32)  # (B, dim)
+    weights = out / TOWER_WEIGHTS_FILE
+    rebuilt = load_user_tower(weights, config)
+    diff = probe_diff(torch_encoder(rebuilt), arrays, expected)
+    if not diff < cfg.onnx_tolerance:
+        raise ArtifactError(
+            f"{weights}: the tower rebuilt from these weights disagrees with the exported "
+            f"program by {diff:.3g} >= export.onnx_tolerance={cfg.onnx_tolerance:g}"
+        )
+    write_probes(out / PROBES_FILE, names, arrays, expected)
+    return {
+        "file": PROBES_FILE,
+        "rows": len(arrays[0]),
+        "tolerance": cfg.onnx_tolerance,
+        "torch_max_abs_diff": diff,
+    }
+
+
 def _write_onnx(
     cfg: ExportConfig,
     program: torch.export.ExportedProgram,
@@ -268,12 +376,7 @@ def _write_onnx(
     """``user_tower.onnx`` plus its check against torch on the first users (row 0 included)."""
     t0 = time.time()
     info = export_onnx(program, args, attr_names, path)
-    rows = torch.arange(0, min(ft.n_users, cfg.onnx_check_rows))  # row 0: the OOV user
-    batch = ft.user_batch(rows, "all")
-    if rows.numel() > 1:  # plus a cold-start row: the OOV user with user 1's history, attrs
-        cold = {k: v[1:2].clone() for k, v in batch.items()}
-        cold["user_idx"].zero_()
-        batch = {k: torch.cat([v, cold[k]]) for k, v in batch.items()}
+    batch = _check_batch(ft, cfg.onnx_check_rows)
     check = check_onnx(program, path, attr_names, batch, cfg.onnx_tolerance)
     return {"file": ONNX_FILE, "format": "onnx", **info, **check, "seconds": time.time() - t0}
 

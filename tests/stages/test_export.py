@@ -153,6 +153,21 @@ def test_manifest_records_onnx_check_index_and_request_transforms(tiny_run) -> N
         assert meta["user_attrs"][name]["values"], name
 
 
+def test_rebuilt_tower_disagreeing_with_the_program_fails_the_export(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export checks the tower rebuilt from user_tower.safetensors (what serving's torch
+    backend runs) against the torch.export program before writing the probes."""
+    import pipeline.stages.export as export
+
+    cfg, run = tiny_run
+    copy = _copy_run(run, tmp_path)
+    monkeypatch.setattr(export, "probe_diff", lambda *a, **kw: 0.5)
+    with pytest.raises(ArtifactError, match=r"user_tower.safetensors: the tower rebuilt from"):
+        export_stage(cfg.export.model_copy(update={"version": "v2"}), copy)
+    assert sorted(p.name for p in (copy.root / EXPORT_DIR).iterdir()) == ["v1"]
+
+
 def test_onnx_disagreement_fails_the_export_and_leaves_no_bundle(
     tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,7 +188,18 @@ def test_bundle_without_onnx_serves_with_torch_only(tiny_run, tmp_path: Path) ->
     bundle = copy.path(EXPORT_DIR) / "torch"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "user_tower.onnx" not in manifest["files"] and "onnx" not in manifest["user_tower"]
-    assert Retriever(bundle).backend == "torch"
+    # the torch backend needs no program: weights, config and probes are there without ONNX
+    assert {"user_tower.safetensors", "user_tower_probes.json"} <= set(manifest["files"])
+    assert manifest["user_tower"]["weights"]["config"]["dim"] == manifest["dim"]
+    torch_only = Retriever(bundle)
+    assert torch_only.backend == "torch" and torch_only.session is None
+    ids = list(torch_only.user_row)[:50]  # same weights as the ONNX bundle's torch backend
+    np.testing.assert_allclose(
+        torch_only.user_vectors(ids),
+        Retriever(_bundle(run), backend="torch").user_vectors(ids),
+        atol=1e-6,
+        rtol=0,
+    )
     with pytest.raises(BundleError, match="user_tower.onnx: this bundle has no ONNX tower"):
         Retriever(bundle, backend="onnx")
 
