@@ -175,11 +175,22 @@ def scan_parquet(path: Path, required: dict[str, str] | None = None) -> pl.LazyF
     return pl.scan_parquet(_checked(path, required))
 
 
-def read_json(path: Path) -> Any:
-    """Read a JSON artifact, with an error naming the file if it is missing."""
+def read_json(path: Path, error: type[Exception] = ArtifactError) -> Any:
+    """Read a JSON artifact; ``error`` (naming the file) if it is missing or not valid JSON."""
     if not path.is_file():
-        raise ArtifactError(f"{path}: artifact not found (has the stage that writes it run?)")
-    return json.loads(path.read_text())
+        raise error(f"{path}: artifact not found (has the stage that writes it run?)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_json_object(path: Path, error: type[Exception] = ArtifactError) -> dict[str, Any]:
+    """:func:`read_json` of a file that must hold one JSON object (a manifest, a meta)."""
+    obj = read_json(path, error)
+    if not isinstance(obj, dict):
+        raise error(f"{path}: not a JSON object")
+    return obj
 
 
 class RunDir:
@@ -197,15 +208,7 @@ class RunDir:
         """The manifest, or an empty one if the run directory is new; an unreadable one is an
         :class:`ArtifactError` naming the file (not a bare JSONDecodeError)."""
         p = self.path(MANIFEST)
-        if not p.is_file():
-            return {"stages": {}}
-        try:
-            manifest = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{p}: not a valid JSON manifest ({exc})") from None
-        if not isinstance(manifest, dict):
-            raise ArtifactError(f"{p}: the manifest must be a JSON object")
-        return manifest
+        return read_json_object(p) if p.is_file() else {"stages": {}}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         # insertion order kept: stages appear in the order they ran

@@ -36,7 +36,7 @@ import polars as pl
 import torch
 
 from pipeline.core.hashing import sha256
-from pipeline.core.rundir import ArtifactError
+from pipeline.core.rundir import ArtifactError, read_json_object
 from pipeline.retrieval.index import METRICS, SEARCH_PARAMS, load_index
 from pipeline.retrieval.topk import UserItems, topk_index
 from pipeline.serving.onnx import input_names, onnx_session, run_onnx
@@ -75,12 +75,7 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
     mpath = bundle / MANIFEST_FILE
     if not mpath.is_file():
         raise BundleError(f"{bundle}: no {MANIFEST_FILE}; not a serving bundle")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{mpath}: not a JSON object")
+    manifest = read_json_object(mpath, BundleError)
     for key in ("files", "dim", "metric", "normalized"):
         if key not in manifest:
             raise BundleError(f"{mpath}: missing key '{key}'")
