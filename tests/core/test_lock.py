@@ -44,14 +44,25 @@ def _holder(workdir: Path, name: str) -> subprocess.Popen:
     return proc
 
 
-def test_second_holder_fails_at_once_naming_pipeline_lock_and_process(tmp_path: Path) -> None:
+def test_second_holder_fails_at_once_naming_pipeline_lock_and_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import filelock
+
+    timeouts: list[float] = []  # what each acquire was allowed to wait
+    real_acquire = filelock.FileLock.acquire
+
+    def acquire(self, timeout=None, *args, **kwargs):
+        timeouts.append(timeout)
+        return real_acquire(self, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", acquire)
     proc = _holder(tmp_path, "gowalla")
     try:
-        t0 = time.perf_counter()
         with pytest.raises(PipelineBusyError) as info:
             with pipeline_lock(tmp_path, "gowalla"):
                 pytest.fail("two holders of one pipeline lock")
-        assert time.perf_counter() - t0 < 5  # no waiting
+        assert timeouts and timeouts[0] == 0  # one attempt, no waiting
         message = str(info.value)
         assert "pipeline 'gowalla'" in message
         assert str(lock_path(tmp_path, "gowalla")) in message
