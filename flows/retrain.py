@@ -34,9 +34,11 @@ import flows.env  # noqa: F401  (sets telemetry/timeouts before prefect is impor
 from flows.failures import quiet_expected_failures, retry_condition
 from pipeline.core.config import Config, load_config
 from pipeline.core.lock import LockHold, mark_children, pipeline_lock
+from pipeline.core.provenance import describe_paths
 from pipeline.core.rundir import EVAL_REPORT, RunDir, StageRecord
 from pipeline.core.runner import (
     TrackingContext,
+    check_pipeline_inputs,
     default_run_dir,
     finish_tracking,
     init_run,
@@ -87,6 +89,7 @@ def retrain(
     run_dir: str | None = None,
     reuse: bool = True,
     until: str | None = None,
+    force: bool = False,
 ) -> str:
     """Ingest → features → train → embed → index → evaluate → export; returns the run dir.
 
@@ -97,6 +100,10 @@ def retrain(
     time, so a scheduled run (or its retry) always sees the interactions up to its slot.
     ``train.warm_start`` / ``features.vocab_from`` set to ``champion`` start from the bundle
     the registry's alias points at (:func:`pipeline.release.gate.resolve_champion`).
+
+    A ``run_dir`` whose artifacts were built from other config or data is refused before any
+    stage runs (:func:`pipeline.core.provenance.check_pipeline_inputs`); ``force`` starts over
+    from the first stage that differs, removing its and every later stage's artifacts.
     """
     overrides = list(overrides or [])
     if until is not None:
@@ -104,7 +111,7 @@ def retrain(
     cfg = load_config(config, overrides)
     work = Path(workdir)
     with pipeline_lock(work, cfg.name) as hold:
-        return _retrain(cfg, work, run_dir, reuse, hold)
+        return _retrain(cfg, work, run_dir, reuse, hold, force)
 
 
 def _until(until: str) -> str:
@@ -116,7 +123,9 @@ def _until(until: str) -> str:
     return flow_run.scheduled_start_time.isoformat()
 
 
-def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool, hold: LockHold) -> str:
+def _retrain(
+    cfg: Config, work: Path, run_dir: str | None, reuse: bool, hold: LockHold, force: bool
+) -> str:
     """The flow's body, run while the pipeline's lock is held (``hold``): first clean up what a
     killed run left (temporary files; after a takeover, its MLflow runs left RUNNING)."""
     from pipeline.release.gate import resolve_champion  # lazily: the MLflow registry
@@ -124,6 +133,9 @@ def _retrain(cfg: Config, work: Path, run_dir: str | None, reuse: bool, hold: Lo
     cfg = resolve_champion(cfg, work)
     run = RunDir(run_dir) if run_dir else default_run_dir(work, cfg)
     sweep_temporaries(run)
+    removed = check_pipeline_inputs(cfg, run, force=force)
+    if removed:
+        get_run_logger().warning(f"--force: removed {describe_paths(removed)}")
     init_run(run, cfg)
     tracker = Tracker(cfg.tracking, work)
     if hold.previous is not None:

@@ -17,6 +17,15 @@ from pipeline.core.runner import TrackingContext, check_run_config, run_stage, s
 from pipeline.core.stages import STAGES
 
 RunOpt = Annotated[Path, typer.Option("--run", help="the run directory")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="when the run directory was built from other config or data: start over from "
+        "the first stage that differs, removing its and every later stage's artifacts "
+        "(listed); without it such a run is refused",
+    ),
+]
 
 
 @app.command()
@@ -43,11 +52,13 @@ def run(
             "--reuse/--no-reuse", help="skip stages whose inputs and config are unchanged"
         ),
     ] = True,
+    force: ForceOpt = False,
 ) -> None:
     """Run every stage as the Prefect ``retrain`` flow; the last line printed is the run dir.
 
     Re-running with unchanged config and raw data lands in the same run directory and skips
-    the finished stages; two retrains of one pipeline never run at once (a lock file).
+    the finished stages; two retrains of one pipeline never run at once (a lock file). A
+    --run directory built from other config or data is refused unless --force.
     """
     try:
         if run_dir is not None and config is None:
@@ -65,6 +76,7 @@ def run(
             workdir=str(workdir),
             run_dir=str(run_dir) if run_dir is not None else None,
             reuse=reuse,
+            force=force,
         )
     except (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError) as exc:
         fail(str(exc))
@@ -90,6 +102,7 @@ def run_single(
     config: Path | None,
     overrides: list[str],
     reuse: bool = False,
+    force: bool = False,
     **kwargs: Any,
 ) -> StageRecord:
     """One stage against an existing run directory (ingest may create it), tracked under the
@@ -98,7 +111,9 @@ def run_single(
     Holds the same lock as ``twotower run`` (``<run's parent>/.locks/<config name>.lock``): a
     stage never writes a run directory another command is writing (exit 2 naming the holder).
     Taking the lock over from a dead holder marks the MLflow runs it left RUNNING as KILLED;
-    hidden temporary files an interrupted writer left in the run directory are removed."""
+    hidden temporary files an interrupted writer left in the run directory are removed. A
+    stage that would mix the run directory is refused unless ``force`` (see
+    :func:`pipeline.core.provenance.check_run_inputs`)."""
     from pipeline.release.gate import resolve_champion  # "champion" -> the bundle's path
     from pipeline.release.tracking import Tracker
 
@@ -119,7 +134,7 @@ def run_single(
                     tracker.mark_killed(run_dir=dead["run_dir"])
             hold.note(mlflow_parent_run_id=parent, run_dir=str(rd.root.resolve()))
             ctx = TrackingContext(tracker, parent)
-            return run_stage(stage, cfg, rd, ctx, reuse=reuse, **kwargs)
+            return run_stage(stage, cfg, rd, ctx, reuse=reuse, force=force, **kwargs)
     except (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError) as exc:
         fail(str(exc))
 
@@ -131,8 +146,10 @@ def _print_record(rec: StageRecord, run_dir: Path) -> None:
 
 
 def _stage_command(stage: str):
-    def command(run_dir: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-        _print_record(run_single(stage, run_dir, config, set_ or []), run_dir)
+    def command(
+        run_dir: RunOpt, config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False
+    ) -> None:
+        _print_record(run_single(stage, run_dir, config, set_ or [], force=force), run_dir)
 
     command.__doc__ = f"Run only the {stage} stage against a run directory."
     return command
@@ -145,9 +162,11 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from train/checkpoint.pt")
     ] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Run only the train stage against a run directory (optionally resuming)."""
-    _print_record(run_single("train", run_dir, config, set_ or [], resume=resume), run_dir)
+    rec = run_single("train", run_dir, config, set_ or [], force=force, resume=resume)
+    _print_record(rec, run_dir)
 
 
 def gate(

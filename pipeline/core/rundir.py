@@ -74,6 +74,7 @@ class StageRecord:
     finished_at: float = field(default_factory=time.time)
     input_hash: str = ""  # config sections + upstream output hashes + raw inputs (runner)
     output_hash: str = ""  # sha256 over the output files; "" = not hashed
+    inputs: dict[str, Any] = field(default_factory=dict)  # the input hash's parts (runner)
     skipped: bool = False  # the last pipeline run reused this record (inputs unchanged)
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,8 @@ and an ``output_hash`` (sha256 over its output files). With ``reuse=True`` (the 
 whose input hash is unchanged and whose outputs still hash the same is skipped, and an
 interrupted training with unchanged inputs resumes from its checkpoint. Downstream inputs are
 upstream *output* hashes, so a re-run ingest that writes the same bytes lets later stages skip.
+A stage that would mix the run directory (artifacts of other config or data) is refused first
+(:mod:`pipeline.core.provenance`).
 """
 
 from __future__ import annotations
@@ -34,14 +36,32 @@ from typing import Any, Protocol
 
 from pipeline.core.config import Config, dump_config
 from pipeline.core.hashing import files_hash, sections_hash
+from pipeline.core.provenance import (
+    RunConfigError,
+    RunConflictError,
+    check_pipeline_inputs,
+    check_run_config,
+    check_run_inputs,
+    config_hash,
+    input_hash,
+    input_parts,
+    output_hash,
+)
 from pipeline.core.rundir import EVAL_REPORT, EXPORT_DIR, MANIFEST, RunDir, StageRecord
-from pipeline.core.stages import STAGES, resolve, stage, upstream
+from pipeline.core.stages import STAGES, resolve, stage
+
+__all__ = [  # the run-directory rules live in pipeline.core.provenance; re-exported here
+    "RunConfigError",
+    "RunConflictError",
+    "check_pipeline_inputs",
+    "check_run_config",
+    "check_run_inputs",
+    "config_hash",
+    "input_hash",
+    "output_hash",
+]
 
 log = logging.getLogger(__name__)
-
-
-class RunConfigError(ValueError):
-    """The run directory was built with a config that disagrees with the one given."""
 
 
 class StageTracker(Protocol):
@@ -59,40 +79,6 @@ class StageTracker(Protocol):
         self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None
     ) -> None: ...
     def end(self, run_id: str, ok: bool = True) -> None: ...
-
-
-def config_hash(cfg: Config, name: str) -> str:
-    """Hash of the config sections stage ``name`` reads."""
-    return sections_hash(cfg, stage(name).sections)
-
-
-def output_hash(run: RunDir, outputs: dict[str, str]) -> str:
-    """sha256 over a stage's output files (paths relative to the run directory)."""
-    return files_hash([run.path(rel) for _, rel in sorted(outputs.items())], relative_to=run.root)
-
-
-def input_hash(name: str, cfg: Config, run: RunDir) -> str:
-    """What stage ``name`` reads, as one hash: its config sections, every earlier stage's
-    ``output_hash`` in ``run`` and the files it reads from outside the run directory.
-
-    "" when an earlier stage has no output hash (not run yet, or recorded by an older
-    version): such a stage can never be skipped.
-    """
-    records = run.manifest().get("stages", {})
-    outputs: dict[str, str] = {}
-    for earlier in upstream(name):
-        out = (records.get(earlier.name) or {}).get("output_hash", "")
-        if not out:
-            return ""
-        outputs[earlier.name] = out
-    external = stage(name).external
-    payload = {
-        "stage": name,
-        "config": config_hash(cfg, name),
-        "upstream": outputs,
-        "external": files_hash(external(cfg)) if external else "",
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def reusable_record(
@@ -128,34 +114,6 @@ def pipeline_key(cfg: Config) -> str:
         },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]} (run: {a!r}, given: {b!r})"]
-
-
-def check_run_config(run: RunDir, cfg: Config, name: str) -> None:
-    """Refuse to run stage ``name`` if a stage upstream of it was built with other config values.
-
-    The stage's own sections and those of later stages may change (that is how a user re-runs
-    training with more epochs); the sections an earlier finished stage read may not.
-    """
-    manifest = run.manifest()
-    if "config" not in manifest:
-        return
-    read_before = {s for st in upstream(name) for s in st.sections} - set(stage(name).sections)
-    old, new = manifest["config"], cfg.model_dump(mode="json")
-    diffs = [d for sec in sorted(read_before) for d in _diff(old.get(sec), new.get(sec), f"{sec}.")]
-    if diffs:
-        raise RunConfigError(
-            f"run directory {run.root} was built with a different config; "
-            f"these keys differ: {'; '.join(diffs)}. Use a new run directory."
-        )
 
 
 def code_version() -> str:
@@ -219,6 +177,7 @@ def run_stage(
     run: RunDir,
     tracking: TrackingContext | None = None,
     reuse: bool = False,
+    force: bool = False,
     **kwargs: Any,
 ) -> StageRecord:
     """Run one stage: check the config against the run, time it, record it, track it.
@@ -228,12 +187,19 @@ def run_stage(
     ``skipped=True``. A stage with a ``resume_from`` file (train: ``train/checkpoint.pt``)
     resumes from it when the last attempt with these same inputs did not finish. Without
     ``reuse`` (the single-stage commands) the stage always runs. ``kwargs`` go to the stage.
+
+    A stage that would mix the run directory is refused first (:func:`check_run_inputs`: an
+    earlier stage out of date, or this stage's artifacts built from other config or data);
+    ``force`` starts over from this stage instead, removing its and every later stage's
+    artifacts.
     """
     st = stage(name)
     fn = stage_function(name)
     check_run_config(run, cfg, name)
+    check_run_inputs(name, cfg, run, force=force)
     init_run(run, cfg)
     in_hash = input_hash(name, cfg, run)
+    parts = input_parts(name, cfg, run)
     tracker = tracking.tracker if tracking and not st.tracks_itself else None
     if reuse:
         done = reusable_record(name, cfg, run, in_hash, **kwargs)
@@ -267,6 +233,7 @@ def run_stage(
     rec.seconds = time.time() - t0
     rec.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     rec.input_hash, rec.output_hash, rec.skipped = in_hash, output_hash(run, rec.outputs), False
+    rec.inputs = parts
     _test_kill(f"{name}:end")  # outputs written, record not yet
     run.record(rec)
     _set_attempt(run, name, None)
@@ -396,7 +363,9 @@ def run_all(
     tracking: TrackingContext | None = None,
     stages: list[str] | None = None,
     reuse: bool = False,
+    force: bool = False,
 ) -> dict[str, StageRecord]:
     """Every enabled stage in order, in this process (no Prefect): the flow's plain twin."""
     names = stages or [st.name for st in STAGES if st.enabled(cfg)]
+    check_pipeline_inputs(cfg, run, force=force, names=names)  # before any stage runs
     return {name: run_stage(name, cfg, run, tracking, reuse=reuse) for name in names}

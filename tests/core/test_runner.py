@@ -18,6 +18,7 @@ from pipeline.core.rundir import (
     BEST_CHECKPOINT,
     EMBED_META,
     EVAL_SUMMARY,
+    EXPORT_DIR,
     FEATURE_META,
     ITEM_VOCAB,
     USER_VOCAB,
@@ -25,6 +26,7 @@ from pipeline.core.rundir import (
 )
 from pipeline.core.runner import (
     RunConfigError,
+    RunConflictError,
     check_run_config,
     config_hash,
     default_run_dir,
@@ -142,13 +144,26 @@ def test_unchanged_rerun_skips_every_stage(run_copy, stage_calls) -> None:
     assert all(r["skipped"] and r["input_hash"] and r["output_hash"] for r in after.values())
 
 
-def test_changed_section_reruns_its_stage_and_later_ones_only(run_copy, stage_calls) -> None:
+def test_changed_section_is_refused_in_place_then_started_over_with_force(
+    run_copy, stage_calls
+) -> None:
+    """Run A's directory with another eval section: refused (naming the key and what
+    --force removes), nothing touched; with force, evaluate and export start over and the
+    stages before them are skipped."""
     cfg, run = run_copy
     calls, _ = stage_calls
     other = load_config(
         CONFIGS / "tiny.yaml", ["tracking.enabled=false", "export.version=v2", "eval.ks=[5,20]"]
     )
-    recs = run_all(other, run, reuse=True)
+    before = run.manifest()
+    with pytest.raises(
+        RunConflictError, match=r"eval.ks \(run: \[10, 20\], given: \[5, 20\]\)"
+    ) as err:
+        run_all(other, run, reuse=True)
+    assert "--force" in str(err.value) and "eval/ (6 files)" in str(err.value)
+    assert "export/v1" in str(err.value)
+    assert calls == [] and run.manifest() == before  # nothing ran, nothing rewritten
+    recs = run_all(other, run, reuse=True, force=True)
     assert [s for s, _ in calls] == ["evaluate", "export"]
     assert [s for s, r in recs.items() if r.skipped] == [
         "ingest",
@@ -158,22 +173,75 @@ def test_changed_section_reruns_its_stage_and_later_ones_only(run_copy, stage_ca
         "index",
     ]
     assert "recall@5" in json.loads(run.path(EVAL_SUMMARY).read_text())["index"]
+    assert not run.path(f"{EXPORT_DIR}/v1").exists()  # A's bundle went with A's evaluation
+    assert recs["evaluate"].inputs["config"].keys() == {"eval", "index"}
 
 
-def test_same_ingest_output_lets_later_stages_skip(run_copy, stage_calls) -> None:
-    """A data section change that leaves the ingested bytes as they were (here a path the
-    synthetic source ignores; in production e.g. a moved cut-off with no new events)."""
+def test_data_change_in_place_is_refused_and_force_starts_over_from_ingest(
+    run_copy, stage_calls
+) -> None:
+    """Another data section given for run A: ingest is refused before anything runs; with
+    force every stage runs again from ingest (nothing of A's later stages is kept)."""
     cfg, run = run_copy
     calls, _ = stage_calls
     moved = load_config(
         CONFIGS / "tiny.yaml", ["tracking.enabled=false", "export.version=v1", "data.path=/x"]
     )
-    old_ingest = run.stage_record("ingest")
-    recs = run_all(moved, run, reuse=True)
-    assert [s for s, _ in calls] == ["ingest"]
-    assert recs["ingest"].input_hash != old_ingest["input_hash"]
-    assert recs["ingest"].output_hash == old_ingest["output_hash"]
-    assert all(r.skipped for s, r in recs.items() if s != "ingest")
+    with pytest.raises(
+        RunConflictError, match=r"ingest stage.*data.path \(run: None, given: '/x'\)"
+    ):
+        run_all(moved, run, reuse=True)
+    assert calls == []
+    recs = run_all(moved, run, reuse=True, force=True)
+    everything = ["ingest", "features", "train", "embed", "index", "evaluate", "export"]
+    assert [s for s, _ in calls] == everything
+    assert not any(r.skipped for r in recs.values())
+
+
+def test_stale_upstream_is_refused_naming_it(run_copy, stage_calls) -> None:
+    """Training on features built from an earlier ingest output: refused, naming the features
+    stage as out of date; training on the stale features never starts."""
+    cfg, run = run_copy
+    calls, _ = stage_calls
+    rec = run.stage_record("features")
+    m = run.manifest()  # features as if built from an earlier ingest output
+    m["stages"]["features"]["input_hash"] = "0" * 64
+    m["stages"]["features"]["inputs"]["upstream"]["ingest"] = "f" * 64
+    run.write_manifest(m)
+    stale = r"features stage is out of date \(changed since it was built: the ingest stage's"
+    with pytest.raises(RunConflictError, match=stale):
+        run_stage("train", cfg, run)
+    assert calls == []
+    with pytest.raises(RunConflictError, match="twotower features --run"):
+        run_stage("train", cfg, run, force=True)  # force cannot make stale inputs fresh
+    run_stage("features", cfg, run)  # the fix the message names
+    run_stage("train", cfg, run)
+    assert [s for s, _ in calls] == ["features", "train"]
+    assert run.stage_record("features")["output_hash"] == rec["output_hash"]
+
+
+def test_raw_file_changed_in_place_is_refused_with_its_path(tmp_path: Path) -> None:
+    """A raw data file rewritten under the same name: ingest names the file, a later stage
+    names ingest as out of date; --force removes ingest's artifacts and record."""
+    src = tmp_path / "events.csv"
+    rows = [f"u{u},i{(u * 7 + k) % 40},{1000 + u * 10 + k}" for u in range(30) for k in range(8)]
+    src.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        ["tracking.enabled=false", "data.source=table", f"data.path={src}"],
+    )
+    run = RunDir(tmp_path / "run")
+    run_stage("ingest", cfg, run)
+    run_stage("ingest", cfg, run)  # the same inputs again: allowed
+    src.write_text(src.read_text() + "u1,i3,99999\n")
+    with pytest.raises(RunConflictError, match=rf"differs: the file {src}"):
+        run_stage("ingest", cfg, run)
+    with pytest.raises(RunConflictError, match=r"ingest stage is out of date.*the file"):
+        run_stage("features", cfg, run)
+    removed = runner.check_run_inputs("ingest", cfg, run, force=True)
+    assert "interactions/interactions.parquet" in removed
+    assert run.stage_record("ingest") is None
+    assert not run.path("interactions/interactions.parquet").exists()
 
 
 def test_tampered_output_is_rebuilt(run_copy, stage_calls) -> None:
@@ -196,10 +264,10 @@ def test_failed_stage_resumes_without_redoing_earlier_ones(run_copy, stage_calls
     new_lr = load_config(
         CONFIGS / "tiny.yaml", ["tracking.enabled=false", "export.version=v2", "train.lr=0.02"]
     )
-    # 1) training dies after its epoch 1 (checkpoint of epochs 0-1 on disk)
+    # 1) training (started over: another lr) dies after its epoch 1 (checkpoint on disk)
     fail["train"] = 1
     with pytest.raises(RuntimeError, match="killed after epoch 1"):
-        run_all(new_lr, run, reuse=True)
+        run_all(new_lr, run, reuse=True, force=True)
     assert [s for s, _ in calls] == ["train"]  # ingest and features were skipped
     assert run.manifest()["attempts"]["train"]
     # 2) the re-run resumes training at epoch 2, then embed fails once

@@ -168,14 +168,21 @@ def test_unchanged_rerun_skips_every_stage_in_the_same_run_dir(flow_run, tmp_pat
     assert all(client.get_run(r["run_id"]).data.tags["skipped"] == "true" for r in nested)
 
 
-def test_cli_rerun_of_a_run_dir_redoes_only_changed_stages(flow_run, tmp_path: Path) -> None:
+def test_cli_rerun_of_a_run_dir_with_other_config_needs_force(flow_run, tmp_path: Path) -> None:
+    """`twotower run --run A` with another eval section: refused (exit 2, the key, what
+    --force removes, nothing touched); with --force only evaluate and export run again."""
     work, run = flow_run
     copy = tmp_path / run.root.name
     shutil.copytree(run.root, copy)
-    res = CliRunner().invoke(
-        app,
-        ["run", "--run", str(copy), "--set", "eval.ks=[5,20]", "--set", "tracking.enabled=false"],
-    )
+    args = ["run", "--run", str(copy), "--set", "eval.ks=[5,20]", "--set", "tracking.enabled=false"]
+    before = (copy / "manifest.json").read_bytes()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    flat = " ".join(res.output.split())
+    assert "eval.ks (run: [10, 20], given: [5, 20])" in flat and "--force" in flat
+    assert "eval/ (" in flat and "Traceback" not in res.output
+    assert (copy / "manifest.json").read_bytes() == before
+    res = CliRunner().invoke(app, [*args, "--force"])
     assert res.exit_code == 0, res.output
     assert "skipped (inputs unchanged): ingest, features, train, embed, index" in res.output
     assert res.output.strip().splitlines()[-1] == str(copy)

@@ -225,7 +225,7 @@ def test_ivf_bundle_keeps_nprobe_and_answers_like_offline_evaluation(
             "index.tune=false",
         ],
     )
-    run_all(cfg, copy, stages=["index", "evaluate", "export"])
+    run_all(cfg, copy, stages=["index", "evaluate", "export"], force=True)  # another index
     bundle = copy.path(EXPORT_DIR) / "ivf"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["index"]["search"] == {"nprobe": 2}
