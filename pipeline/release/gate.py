@@ -30,6 +30,10 @@ bundles with different vocabularies are comparable):
   run, oldest first, as the history (items unknown to the bundle dropped, the last
   ``history_len`` kept) and the user's raw attributes from the run's ingest. That is what the
   champion would serve these users if it stayed in place, so it is the fair comparison;
+  A cold user in whom the bundle knows nothing (no history item, no attribute value) is
+  refused by serving (:meth:`pipeline.serving.retriever.Retriever.is_blank_request`), so here
+  it gets no recommendation: a miss, counted in ``n_unservable``, never the OOV row's
+  arbitrary top-k;
 * ranking: the bundle's FAISS index with its recorded search parameters, k from the metric.
 
 The new bundle knows every user of its run, so its figure equals the evaluate stage's
@@ -193,6 +197,7 @@ class BundleScore:
     k: int
     n_users: int  # users scored
     n_cold: int  # of which the bundle did not know (served by cold start)
+    n_unservable: int  # of the cold ones, those serving refuses (nothing known): no hits
     topk: np.ndarray = field(repr=False)  # (U, k) run item_idx, -1 = none / unknown to the run
 
     def value(self, metric: str) -> float:
@@ -230,13 +235,18 @@ def score_bundle(
         pos = known_pos[s : s + ENCODE_BATCH]
         vecs[pos] = retriever.user_vectors([split.users[p] for p in pos])
     cold_pos = np.flatnonzero(~known)
+    blank = np.zeros(n_users, dtype=bool)  # cold users serving refuses: nothing in them known
     if cold_pos.size:
         histories = split.histories(cold_pos)
         attributes = split.attributes(cold_pos, retriever.attr_names)
         for p, hist, attrs in zip(cold_pos, histories, attributes, strict=True):
-            inputs, _ = retriever.request_inputs(hist, attrs)
+            inputs, rows = retriever.request_inputs(hist, attrs)
+            if retriever.is_blank_request(rows, inputs[2:]):
+                blank[p] = True
+                continue
             vecs[p] = retriever.encode(inputs)[0]
     top = topk_index(retriever.index, vecs, exclude, k)  # (U, k) bundle rows
+    top[blank] = -1  # refused by serving: no recommendation, so no hit
     top_run = np.where(top >= 0, bundle_to_run[np.maximum(top, 0)], -1)
     per_user = per_user_recall_ndcg(top_run, split.truth, [k])
     return BundleScore(
@@ -245,6 +255,7 @@ def score_bundle(
         k=k,
         n_users=n_users,
         n_cold=int(cold_pos.size),
+        n_unservable=int(blank.sum()),
         topk=top_run,
     )
 
@@ -292,6 +303,7 @@ class GateDecision:
     offline: float | None = None  # the evaluate stage's index figure, for reference
     bundle_sha256: str = ""  # sha256 of the bundle's manifest.json: which bundle was gated
     decided_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    champion_unservable_users: int = 0  # cold users the champion's serving refuses (misses)
 
     @property
     def label(self) -> str:
@@ -310,10 +322,11 @@ def decision_markdown(d: GateDecision) -> str:
         [
             f"## Champion gate: {verdict}",
             "",
-            f"| model | version | {d.metric} | users | cold-start users |",
-            "|---|---|---|---|---|",
-            f"| new | {d.version} | {d.new:.4f} | {d.n_users} | {d.new_cold_users} |",
-            f"| champion (before) | {champ_v} | {champ} | {d.n_users} | {d.champion_cold_users} |",
+            f"| model | version | {d.metric} | users | cold-start users | refused (no hit) |",
+            "|---|---|---|---|---|---|",
+            f"| new | {d.version} | {d.new:.4f} | {d.n_users} | {d.new_cold_users} | 0 |",
+            f"| champion (before) | {champ_v} | {champ} | {d.n_users} | {d.champion_cold_users} "
+            f"| {d.champion_unservable_users} |",
             "",
             f"Rule: promote if new >= champion - {d.tolerance:g} (registry.tolerance), "
             "both scored on this run's test split.",
@@ -509,6 +522,7 @@ def run_gate(
             n_users=new_score.n_users,
             new_cold_users=new_score.n_cold,
             champion_cold_users=0 if champ_score is None else champ_score.n_cold,
+            champion_unservable_users=0 if champ_score is None else champ_score.n_unservable,
             run_dir=str(run.root.resolve()),
             bundle=str(bundle.resolve()),
             tracking_uri=uri,

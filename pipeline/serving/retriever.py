@@ -447,6 +447,13 @@ class Retriever:
         inputs = [np.array([OOV], dtype=np.int64), hist, *[codes[n] for n in self.attr_names]]
         return inputs, np.unique(rows)
 
+    @staticmethod
+    def is_blank_request(rows: np.ndarray, codes: Sequence[np.ndarray]) -> bool:
+        """True when a cold-start request has no known history item (``rows``, bundle item
+        rows) and no known attribute value (``codes``, all OOV): its query would be the OOV
+        row alone, the same for everyone, so serving refuses it."""
+        return not rows.size and not any(bool(np.any(c != OOV)) for c in codes)
+
     def _check_cold_request(
         self,
         history: Sequence[str],
@@ -463,7 +470,7 @@ class Retriever:
         (unknown ids are then dropped, as documented). Raises :class:`ValueError` naming the
         unknown ids and values.
         """
-        if rows.size or any(bool(np.any(c != OOV)) for c in codes):
+        if not self.is_blank_request(rows, codes):
             return
         unknown_ids = [str(h) for h in history]
         unknown_attrs = {k: v for k, v in attributes.items() if v is not None}

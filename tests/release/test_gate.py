@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from pipeline.core.config import ConfigError, TrackingConfig, load_config
 from pipeline.core.hashing import sha256
 from pipeline.core.rundir import EVAL_SUMMARY, EVENTS, ITEM_VOCAB, RAW_USERS, RunDir, write_json
+from pipeline.evaluation.metrics import per_user_recall_ndcg
 from pipeline.release.gate import (
     GATE_DECISION,
     GateDecision,
@@ -183,6 +184,52 @@ def test_users_the_champion_does_not_know_are_served_by_cold_start(runs, tmp_pat
     known = next(p for p, u in enumerate(split.users) if u not in dropped)
     got = [split.item_raw[i] for i in score.topk[known] if i >= 0]
     assert got == retriever.recommend(split.users[known], k=K)
+
+
+def test_cold_users_serving_refuses_are_misses_not_the_oov_rows_top_k(
+    runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold user in whom the champion knows nothing (no history item, no attribute value)
+    is refused by serving, so the gate gives it no recommendation (a miss, counted), not the
+    top-k of the OOV query that used to earn it hits by chance."""
+    run = runs["good"]
+    split = eval_split(run)
+    dropped = split.users[::5][:30]
+    blank_users = set(dropped[::2])
+    bundle = tmp_path / "champion"
+    shutil.copytree(run.path(BUNDLE), bundle)
+    users = pl.read_parquet(bundle / "users.parquet")
+    users.filter(~pl.col("user").is_in(dropped)).write_parquet(bundle / "users.parquet")
+    _rechecksum(bundle)
+    blank_idx = [int(split.user_idx[split.users.index(u)]) for u in blank_users]
+    split.events = split.events.filter(  # their history: nothing the champion knows
+        ~(pl.col("user_idx").is_in(blank_idx) & (pl.col("split") != "test"))
+    )
+    real_attributes = split.attributes
+    monkeypatch.setattr(
+        split,
+        "attributes",
+        lambda positions, names: [
+            {} if split.users[int(p)] in blank_users else a
+            for p, a in zip(positions, real_attributes(positions, names), strict=True)
+        ],
+    )
+    retriever = Retriever(bundle)
+    with pytest.raises(ValueError, match="nothing in it is known"):
+        retriever.recommend_cold(history=[], attributes={}, k=K)  # what serving does
+
+    score = score_bundle(bundle, split, K)
+    assert score.n_cold == len(dropped) and score.n_unservable == len(blank_users)
+    blank_pos = [split.users.index(u) for u in blank_users]
+    assert (score.topk[blank_pos] == -1).all()
+    served = next(split.users.index(u) for u in dropped if u not in blank_users)
+    assert (score.topk[served] >= 0).any()  # a cold user with a known history is still served
+    # the blank users add nothing; every other user keeps its per-user figure
+    kept = [p for p in range(len(split.users)) if p not in blank_pos]
+    per_user = per_user_recall_ndcg(score.topk, split.truth, [K])[f"recall@{K}"]
+    assert np.nansum(per_user[blank_pos]) == 0.0
+    assert score.recall == pytest.approx(float(np.nanmean(per_user)), abs=1e-12)
+    assert np.isfinite(per_user[kept]).any()
 
 
 # -- the decisions ----------------------------------------------------------------------------
