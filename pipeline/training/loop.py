@@ -219,6 +219,7 @@ def _checkpoint(st: _State, phase: str, epoch: int, spec_hash: str, tcfg: TowerC
             st.negatives.estimator.state_dict() if st.negatives.estimator is not None else None
         ),
         "memory": st.negatives.memory.state_dict() if st.negatives.memory is not None else None,
+        "mining": st.negatives.mining_state(),  # the pool a resume between minings samples
         "epoch": epoch,
         "history": st.history,
         "best": st.best,
@@ -236,6 +237,8 @@ def restore(st: _State, ckpt: dict[str, Any]) -> None:
         st.negatives.estimator.load_state_dict(ckpt["estimator"])
     if ckpt.get("memory") is not None:
         st.negatives.load_memory(ckpt["memory"])
+    if ckpt.get("mining") is not None:
+        st.negatives.load_mining_state(ckpt["mining"])
     st.history, st.best, st.best_epoch = ckpt["history"], ckpt["best"], ckpt["best_epoch"]
     st.start_epoch = ckpt["epoch"] + 1
 

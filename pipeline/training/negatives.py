@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,6 @@ class Negatives:
             self.table = mixed_log_q(q, qs, self._popularity_pool(), neg.mixed).float()
         self.memory: ItemMemory | None = None  # created at the first push (needs the dim)
         self.pool: HardNegativePool | None = None
-        self.mined_user: dict[int, int] = {}
         self.user_vecs: torch.Tensor | None = None  # (U, D) at mining time
         self.item_vecs: torch.Tensor | None = None  # (n_items, D) at mining time
 
@@ -151,6 +151,29 @@ class Negatives:
         stats = {f"hard_{k}": float(v) for k, v in self.pool.stats.items()}
         stats["hard_mining_seconds"] = time.time() - t0
         return stats
+
+    def mining_state(self) -> dict[str, Any] | None:
+        """The last mined pool and the vectors it was mined with, as tensors and floats (a
+        training checkpoint holds them, loadable with ``weights_only``): a run resumed between
+        two minings (``negatives.hard_every`` > 1) samples from the same pool as an
+        uninterrupted one. None before the first mining."""
+        if self.pool is None:
+            return None
+        return {
+            "users": torch.from_numpy(self.pool.users),  # (U,)
+            "ids": torch.from_numpy(self.pool.ids),  # (U, P)
+            "scores": torch.from_numpy(self.pool.scores),  # (U, P)
+            "stats": {k: float(v) for k, v in self.pool.stats.items()},
+            "user_vecs": self.user_vecs,  # (U, D), rows in pool.users order
+            "item_vecs": self.item_vecs,  # (n_items, D), row 0 = OOV
+        }
+
+    def load_mining_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`mining_state` returned."""
+        self.pool = HardNegativePool(
+            state["users"].numpy(), state["ids"].numpy(), state["scores"].numpy(), state["stats"]
+        )
+        self.user_vecs, self.item_vecs = state["user_vecs"], state["item_vecs"]
 
     def _pos_scores(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         assert self.pool is not None and self.user_vecs is not None and self.item_vecs is not None

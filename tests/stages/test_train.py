@@ -78,6 +78,37 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         assert torch.equal(straight[k], resumed[k]), k
 
 
+@pytest.mark.parametrize("extra", [[], ["negatives.memory=64"]], ids=["hard", "hard+memory"])
+def test_resume_between_minings_is_exact(tmp_path: Path, extra: list[str]) -> None:
+    """Hard negatives mined every 2nd epoch, the run killed after epoch 0: the resumed epoch 1
+    (no mining) must sample from the pool mined at epoch 0, so the checkpoint carries it."""
+    cfg, run = _features_run(
+        tmp_path,
+        "train.epochs=3",
+        "train.patience=5",
+        "negatives.hard=4",
+        "negatives.hard_every=2",
+        "negatives.hard_start_epoch=0",
+        *extra,
+    )
+    train_stage(_spec(cfg), run)
+    straight = _state(run.path(CHECKPOINT))
+
+    def die_after_first(step: int, metrics: dict) -> None:
+        raise KeyboardInterrupt("killed after epoch 0")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(_spec(cfg), run, on_epoch=die_after_first)
+    assert torch.load(run.path(CHECKPOINT), weights_only=True)["epoch"] == 0
+    train_stage(_spec(cfg), run, resume=True)
+    hist = read_json(run.path(TRAIN_HISTORY))["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert [h["epoch"] for h in hist if "hard_mined" in h] == [0, 2]
+    resumed = _state(run.path(CHECKPOINT))
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
 def test_early_stopping_keeps_best_epoch(tmp_path: Path) -> None:
     # a learning rate far too high makes validation recall peak after the first epochs (seeded
     # and deterministic: on tiny.yaml it peaks at epoch 1 of 8, then never improves again)
