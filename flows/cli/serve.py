@@ -1,4 +1,5 @@
-"""``twotower recommend`` and ``register``: serve from a bundle, publish a bundle.
+"""``twotower recommend`` and ``register``: serve from a bundle, publish a bundle; ``keygen``
+and ``sign``: make an Ed25519 key pair, sign a bundle's manifest (:mod:`pipeline.serving.signing`).
 
 Registered on the ``app`` of :mod:`flows.cli.common`.
 """
@@ -14,6 +15,15 @@ import typer
 
 from flows.cli.common import app, fail
 from pipeline.core.rundir import ArtifactError
+
+PublicKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--public-key",
+        help="PEM Ed25519 public key: the bundle must carry a matching signature (manifest.sig);"
+        " default $TWOTOWER_BUNDLE_PUBLIC_KEY",
+    ),
+]
 
 
 def parse_attributes(pairs: list[str], multi: set[str]) -> dict[str, str | list[str]]:
@@ -52,17 +62,18 @@ def recommend(
     backend: Annotated[
         str, typer.Option("--backend", help="user tower runtime: auto, onnx or torch")
     ] = "auto",
+    public_key: PublicKeyOpt = None,
 ) -> None:
     """Print the top-k items of a user as JSON: {"user", "items", "scores"}.
 
     A known --user is served from the bundle's features; --history and/or --attr (with no
     --user, or a user the bundle does not know) make a cold-start request. A bundle that fails
-    its checks exits non-zero with the reason.
+    its checks (or, with --public-key, its signature) exits non-zero with the reason.
     """
     from pipeline.serving.retriever import BundleError, Retriever
 
     try:
-        retriever = Retriever(bundle, backend=backend)
+        retriever = Retriever(bundle, backend=backend, public_key=public_key)
         multi = {n for n, kind in retriever.attr_kinds.items() if kind == "multi"}
         attributes = parse_attributes(attr, multi) if attr else None
         items = None if history is None else [h.strip() for h in history.split(",") if h.strip()]
@@ -85,18 +96,53 @@ def register(
         str | None,
         typer.Option("--tracking-uri", help="MLflow store; default $MLFLOW_TRACKING_URI"),
     ] = None,
+    public_key: PublicKeyOpt = None,
 ) -> None:
-    """Log a bundle as an MLflow pyfunc model and register it; prints the version and its URI."""
+    """Log a bundle as an MLflow pyfunc model and register it; prints the version and its URI.
+
+    With --public-key (or $TWOTOWER_BUNDLE_PUBLIC_KEY) an unsigned or wrongly signed bundle
+    is refused before anything is logged."""
     from pipeline.release.registry import model_uri, register_bundle
     from pipeline.serving.retriever import BundleError
+    from pipeline.serving.signing import check_signature
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         fail("no tracking store: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     try:
+        check_signature(bundle, public_key)
         version = register_bundle(bundle, uri, name, alias=alias)
     except (BundleError, ValueError) as exc:
         fail(str(exc))
     print(json.dumps({"name": name, "version": version, "alias": alias, "tracking_uri": uri}))
     if alias:
         print(model_uri(name, alias))
+
+
+@app.command()
+def keygen(
+    out: Annotated[
+        Path, typer.Option("--out", help="writes OUT.pem (private, mode 0600) and OUT.pub.pem")
+    ],
+) -> None:
+    """Make an Ed25519 key pair for signing bundles; never overwrites a key.
+
+    Keep OUT.pem secret (it signs: export.signing_key, twotower sign); give OUT.pub.pem to the
+    loaders (--public-key, $TWOTOWER_BUNDLE_PUBLIC_KEY). Prints both paths as JSON.
+    """
+    from pipeline.serving.signing import generate_key
+
+    private, public = generate_key(f"{out}.pem", f"{out}.pub.pem")
+    print(json.dumps({"private_key": str(private), "public_key": str(public)}))
+
+
+@app.command()
+def sign(
+    bundle: Annotated[Path, typer.Option("--bundle", help="serving bundle directory")],
+    key: Annotated[Path, typer.Option("--key", help="PEM Ed25519 private key")],
+) -> None:
+    """Sign a bundle's manifest.json (writes manifest.sig) after checking the bundle's files
+    against it; prints the signature's path as JSON."""
+    from pipeline.serving.signing import sign_manifest
+
+    print(json.dumps({"signature": str(sign_manifest(bundle, key))}))

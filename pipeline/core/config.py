@@ -284,11 +284,20 @@ class ExportConfig(_Strict):
     onnx_tolerance: float = Field(1e-4, gt=0)  # max |onnxruntime - torch| on the check batch
     onnx_check_rows: int = Field(512, ge=1)  # users (from row 0, the OOV row) in the check batch
     weights: bool = True  # ship model.pt (both towers' weights) so a run can warm-start from it
+    # a PEM Ed25519 private key: sign the bundle's manifest (manifest.sig); None = unsigned
+    signing_key: str | None = None
 
     @field_validator("version")
     @classmethod
     def _version_is_a_directory_name(cls, v: str | None) -> str | None:
         return None if v is None else plain_name(v, "the bundle directory export/<version>")
+
+    @field_validator("signing_key")
+    @classmethod
+    def _key_is_a_path(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a PEM private key's path (leave it null for no signature)")
+        return v
 
 
 class TrackingConfig(_Strict):

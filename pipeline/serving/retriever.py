@@ -4,15 +4,17 @@ The loader reads only the bundle directory (layout in :mod:`pipeline.stages.expo
 serves anything it checks that every file the manifest names stays inside the bundle (no
 ``..``, no absolute path, no symlink out), every file's sha256 against ``manifest.json`` and
 that the index agrees with the manifest on dimension and metric; a bundle that fails is refused
-with a :class:`BundleError` naming the file. Users are encoded by the user tower, either
-rebuilt in torch from this package's code, its ``TowerConfig`` and ``user_tower.safetensors``
-(``backend="torch"``; nothing is unpickled: the ``torch.export`` program ``user_tower.pt2`` is
-never loaded) or the ONNX file run by onnxruntime (``backend="onnx"``). Every backend the
-bundle has is checked at load against the probe users the export stage stored with the vectors
-the exported program gave them (:mod:`pipeline.serving.tower`); items are ranked
-through the bundle's FAISS index exactly as offline evaluation ranks them (same exclusion of a
-known user's seen items, same number of results fetched), so a known user gets the ids
-evaluation scored.
+with a :class:`BundleError` naming the file. Given a public key (or
+``$TWOTOWER_BUNDLE_PUBLIC_KEY``), it first checks the bundle's Ed25519 signature of the
+manifest (:mod:`pipeline.serving.signing`), before reading any other file. Users are encoded
+by the user tower, either rebuilt in torch from this package's code, its ``TowerConfig`` and
+``user_tower.safetensors`` (``backend="torch"``; nothing is unpickled: the ``torch.export``
+program ``user_tower.pt2`` is never loaded) or the ONNX file run by onnxruntime
+(``backend="onnx"``). Every backend the bundle has is checked at load against the probe
+users the export stage stored with the vectors the exported program gave them
+(:mod:`pipeline.serving.tower`); items are ranked through the bundle's FAISS index exactly as
+offline evaluation ranks them (same exclusion of a known user's seen items, same number of
+results fetched), so a known user gets the ids evaluation scored.
 
 A user the bundle has never seen is served from a *cold-start request*: raw item ids of a
 recent history (oldest first; unknown ids dropped, the last ``history_len`` kept) and raw
@@ -198,6 +200,10 @@ class Retriever:
             (onnxruntime) or "auto" (ONNX when the bundle has it, else torch).
         verify: check checksums first (leave True unless the caller just did).
         threads: intra-op threads of the onnxruntime session (None = onnxruntime's default).
+        public_key: a PEM Ed25519 public key; the bundle must then be signed by its private
+            key (``manifest.sig``, :mod:`pipeline.serving.signing`), checked before any other
+            file of the bundle is read. None = ``$TWOTOWER_BUNDLE_PUBLIC_KEY`` when set, else
+            no signature check (signed and unsigned bundles load alike).
     """
 
     def __init__(
@@ -206,10 +212,14 @@ class Retriever:
         backend: str = "auto",
         verify: bool = True,
         threads: int | None = None,
+        public_key: str | Path | None = None,
     ) -> None:
         self.bundle = Path(bundle)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        from pipeline.serving.signing import check_signature  # signing imports this module
+
+        check_signature(self.bundle, public_key)
         if verify:
             self.manifest = verify_bundle(self.bundle)
         else:

@@ -22,6 +22,8 @@ Bundle layout (``export/<version>/``; the file names are constants of
                            sizes, the tower's input order and the transforms a raw request needs
 - ``manifest.json``        versions, dim, metric, normalisation, index parameters, evaluation
                            metrics, the ONNX check, and the sha256 of every other file
+- ``manifest.sig``         with ``export.signing_key``: the Ed25519 signature of
+                           ``manifest.json`` (:mod:`pipeline.serving.signing`)
 
 The bundle is built in a temporary directory and renamed into place, so a reader never sees
 half a bundle.
@@ -84,6 +86,7 @@ from pipeline.serving.retriever import (
     TOWER_WEIGHTS_FILE,
     USERS_FILE,
 )
+from pipeline.serving.signing import load_private_key, sign_manifest
 from pipeline.serving.tower import (
     WEIGHTS_FORMAT,
     load_user_tower,
@@ -182,7 +185,13 @@ def _into_place(tmp: Path, final: Path, replace: bool) -> None:
 
 
 def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
-    """Assemble the serving bundle under ``export/<version>/`` (built aside, then renamed)."""
+    """Assemble the serving bundle under ``export/<version>/`` (built aside, then renamed).
+
+    With ``export.signing_key`` the manifest is signed in the built bundle before the rename;
+    the key is read first, so a missing or bad key fails (naming it) before any work.
+    """
+    if cfg.signing_key is not None:
+        load_private_key(cfg.signing_key)  # a SignatureError (a ValueError) naming the file
     for rel in (INDEX, INDEX_META, EMBED_META, BEST_CHECKPOINT, USER_VOCAB, ITEM_VOCAB):
         if not run.path(rel).is_file():
             raise ArtifactError(
@@ -218,6 +227,8 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
             "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files},
         }
         write_json(manifest, tmp / MANIFEST_FILE)
+        if cfg.signing_key is not None:  # the files were just hashed: no second check
+            sign_manifest(tmp, cfg.signing_key, verify=False)
         _into_place(tmp, final, stale)
     finally:
         if tmp.exists():
@@ -229,7 +240,7 @@ def export_stage(cfg: ExportConfig, run: RunDir) -> StageRecord:
     return StageRecord(
         stage="export",
         outputs={"bundle": f"{EXPORT_DIR}/{version}"},
-        rows={"files": len(manifest["files"]) + 1},
+        rows={"files": len(manifest["files"]) + 1 + (cfg.signing_key is not None)},
         metrics=metrics,
     )
 

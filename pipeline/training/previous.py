@@ -143,11 +143,13 @@ def _open_bundle(root: Path, key: str) -> Previous:
         BundleError,
         verify_bundle,
     )
+    from pipeline.serving.signing import check_signature
 
     try:
+        check_signature(root, None)  # with $TWOTOWER_BUNDLE_PUBLIC_KEY: signed by its key
         manifest = verify_bundle(root)
     except BundleError as exc:
-        raise ArtifactError(str(exc)) from None
+        raise ArtifactError(f"{key}: {exc}") from None
     if (root / MODEL_FILE).is_file() and MODEL_FILE not in manifest["files"]:
         raise ArtifactError(
             f"{root / MODEL_FILE}: not listed in the bundle's manifest, so unverifiable"

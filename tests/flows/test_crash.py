@@ -64,7 +64,7 @@ KILLS = [
     ("export:end", "export"),
     ("gate", "gate"),
 ]
-RUN_TIMEOUT = 240  # seconds per run: a hang fails the test instead of blocking the suite
+RUN_TIMEOUT = 600  # seconds per run: a hang fails the test instead of blocking the suite
 
 
 def _same_figures():

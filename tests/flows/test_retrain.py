@@ -123,7 +123,7 @@ def test_cli_rejects_config_typo_before_running(tmp_path: Path) -> None:
     assert not (tmp_path / "w").exists()
 
 
-def _task_states(flow_run_id, expected: int, timeout: float = 60.0) -> list[str]:
+def _task_states(flow_run_id, expected: int, timeout: float = 180.0) -> list[str]:
     """The final state names of a flow run's task runs (the API records them shortly after)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

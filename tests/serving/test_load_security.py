@@ -143,7 +143,7 @@ def test_crafted_model_pt_refuses_the_warm_start(
     rehash(copy)
     work = RunDir(tmp_path / "run")
     shutil.copytree(run.root, work.root)
-    args = ["train", "--run", str(work.root), "--set", f"train.warm_start={copy}"]
+    args = ["train", "--run", str(work.root), "--set", f"train.warm_start={copy}", "--force"]
     line = one_error_line(CliRunner().invoke(app, args, env=WIDE), str(copy / MODEL_FILE))
     assert "train.warm_start" in line
     assert ("refused" in line) == (torch_file == "checkpoint")
