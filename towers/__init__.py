@@ -20,6 +20,7 @@ from towers.model import (
     UserTower,
     UserTowerExport,
     masked_mean_embedding,
+    use_sparse_gradients,
 )
 from towers.samplers import CatalogueSampler
 
@@ -41,4 +42,5 @@ __all__ = [
     "log_q_from_counts",
     "masked_mean_embedding",
     "mixed_log_q",
+    "use_sparse_gradients",
 ]

@@ -221,7 +221,7 @@ def _pool(
     if exclude is not None:
         keep = keep & (idx != exclude.unsqueeze(1))  # (B, L)
     keep = _drop_entries(keep, dropout, training)  # (B, L)
-    return masked_mean_embedding(table.weight, idx, keep)  # (B, D)
+    return masked_mean_embedding(table.weight, idx, keep, sparse=table.sparse)  # (B, D)
 
 
 def _drop_entries(keep: Tensor, p: float, training: bool) -> Tensor:
@@ -238,11 +238,14 @@ def _drop_entries(keep: Tensor, p: float, training: bool) -> Tensor:
     return keep & (torch.rand(keep.shape, device=keep.device) >= p)  # (B, L)
 
 
-def masked_mean_embedding(weight: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+def masked_mean_embedding(
+    weight: Tensor, idx: Tensor, keep: Tensor, sparse: bool = False
+) -> Tensor:
     """Mean of ``weight[idx[b, l]]`` over the positions where ``keep[b, l]``; zero if none.
 
     weight (N, D), idx (B, L) int, keep (B, L) bool -> (B, D). One ``embedding_bag`` call: no
-    (B, L, D) intermediate and a cheap backward.
+    (B, L, D) intermediate and a cheap backward. ``sparse``: the gradient of ``weight`` is a
+    sparse tensor of the B*L rows used (see :func:`use_sparse_gradients`).
     """
     if idx.shape[1] == 0:  # no positions at all (e.g. history_len=0)
         return weight.new_zeros(idx.shape[0], weight.shape[1])  # (B, D)
@@ -253,8 +256,30 @@ def masked_mean_embedding(weight: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     # on B >= 2, which breaks batch-1 serving
     offsets = torch.arange(b, device=idx.device) * length  # (B,) start of each row's bag
     return F.embedding_bag(
-        idx.reshape(-1), weight, offsets, mode="sum", per_sample_weights=w.reshape(-1)
+        idx.reshape(-1),
+        weight,
+        offsets,
+        mode="sum",
+        per_sample_weights=w.reshape(-1),
+        sparse=sparse,
     )  # (B, D)
+
+
+def use_sparse_gradients(model: nn.Module, sparse: bool = True) -> list[nn.Parameter]:
+    """Make every embedding table of ``model`` produce row-sparse gradients; returns the
+    tables' weights (the parameters a sparse optimiser must own).
+
+    A dense table gradient is a zeroed (N, D) tensor per table and step, and AdamW then
+    updates every row: on Gowalla (41k + 30k rows x 256) that was about half of a step. With
+    sparse gradients a step costs in proportion to the rows the batch touches (ids, history,
+    audience), as TorchRec's fused row-wise optimisers do. Forward results are unchanged.
+    """
+    tables = []
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.sparse = sparse
+            tables.append(module.weight)
+    return tables
 
 
 class _AttrEmbeddings(nn.Module):
@@ -285,7 +310,8 @@ class _AttrEmbeddings(nn.Module):
                         f"multi-valued attribute '{spec.name}' needs (B, M) codes padded with 0, "
                         f"got shape {tuple(codes.shape)}"
                     )
-                parts.append(masked_mean_embedding(table.weight, codes, codes != 0))  # (B, D)
+                mean = masked_mean_embedding(table.weight, codes, codes != 0, table.sparse)
+                parts.append(mean)  # (B, D)
             else:
                 if codes.dim() != 1:
                     raise ValueError(

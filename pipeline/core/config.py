@@ -181,11 +181,22 @@ class TrainConfig(_Strict):
     seed: Seed = 0  # seed of init and batch order
     refit: bool = True  # after selection, retrain on train+valid for the best epoch count
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
+    # float32 matmuls: "highest" = full fp32; "high"/"medium" let them run on TF32 / bf16 units
+    # (GPU TF32; CPU AMX/AVX-512 bf16 via oneDNN) with fp32 inputs, outputs and accumulation
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    # row-sparse table gradients + SparseAdam on the tables (pipeline/training/optim.py)
+    sparse_embeddings: bool = False
     progress: bool = True  # show a progress bar
     warm_start: str | None = None  # previous run dir or bundle: known ids' rows start from it
 
     @model_validator(mode="after")
     def _lr_floor(self) -> TrainConfig:
+        if self.sparse_embeddings and self.weight_decay > 0:
+            raise ValueError(
+                f"train.weight_decay ({self.weight_decay}) needs dense table updates: "
+                "train.sparse_embeddings uses SparseAdam, which has no weight decay; set one of "
+                "them off"
+            )
         if self.lr_schedule == "cosine" and self.lr_min > self.lr:
             raise ValueError(
                 f"train.lr_min ({self.lr_min}) must not exceed train.lr ({self.lr}): the cosine "
@@ -224,6 +235,39 @@ class IndexConfig(_Strict):
         return value.strip() if value.strip() == "auto" else _check_factory(value)
 
 
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class AlsConfig(_Strict):
+    """The ALS baseline (Hu, Koren & Volinsky, ICDM 2008; the ``implicit`` library).
+
+    Confidence = 1 + alpha * (events of the user on the item); each (regularization, alpha)
+    of the grid is fit on train and scored by valid recall@20, the best refit on train+valid.
+    """
+
+    enabled: bool = True  # run the ALS baseline in the evaluate stage
+    factors: int = Field(128, ge=1)  # latent factors (fixed, not searched)
+    iterations: int = Field(15, ge=1)  # ALS sweeps (users then items) per fit
+    regularization: list[PositiveFloat] = Field([0.01, 0.1, 1.0], min_length=1)  # grid: L2
+    alpha: list[NonNegativeFloat] = Field([1.0, 10.0], min_length=1)  # grid: confidence slope
+    threads: int = Field(0, ge=0)  # implicit's num_threads; 0 = every core
+    gpu: Literal["auto", "never"] = "auto"  # implicit.gpu when it has CUDA, else the CPU model
+
+
+class EaseConfig(_Strict):
+    """The EASE baseline (Steck, WWW 2019): B = I - P diag(1/diag P), P = (X^T X + l2 I)^-1.
+
+    Each l2 of the grid is fit on train and scored by valid recall@20, the best refit on
+    train+valid. B is a dense (items, items) float32 matrix and the fit O(items^3): above
+    ``max_items`` the baseline is skipped (reason in the summary and the report).
+    """
+
+    enabled: bool = True  # run the EASE baseline in the evaluate stage
+    l2: list[PositiveFloat] = Field([100.0, 500.0, 2000.0], min_length=1)  # grid: lambda
+    max_items: int = Field(20000, ge=1)  # larger catalogues skip EASE (20k: 1.6 GB per matrix)
+
+
 class EvalConfig(_Strict):
     """The offline evaluation protocol (DESIGN.md), its baselines, breakdowns and report."""
 
@@ -231,6 +275,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(1024, ge=1)  # users scored per batch
     item_knn: bool = True  # run the item-kNN baseline (cosine on train+valid interactions)
     knn_neighbours: int = Field(100, ge=1)  # item-kNN: most similar items kept per item
+    als: AlsConfig = AlsConfig()  # ALS baseline, hyper-parameters chosen on validation
+    ease: EaseConfig = EaseConfig()  # EASE baseline, l2 chosen on validation
     activity_cuts: list[PositiveInt] = []  # most train+valid events of cold, medium; []=terciles
     popularity_shares: list[float] = [0.2, 0.5]  # catalogue shares ending head, torso (by pop)
     health_sample: int = Field(5000, ge=2)  # vectors and positive pairs drawn for align/uniform

@@ -1,4 +1,6 @@
-"""Non-neural baselines on the model's split and protocol: popularity and item-kNN.
+"""Non-neural baselines on the model's split and protocol: popularity and item-kNN, and the
+validation protocol of the tuned baselines (ALS in :mod:`pipeline.evaluation.als`, EASE in
+:mod:`pipeline.evaluation.ease`): :class:`Holdout` and :func:`choose`.
 
 Popularity (:func:`popularity_topk`): the most popular items each user has not seen, one
 global ranking shared by every user.
@@ -22,13 +24,28 @@ ranking does. On Gowalla (29,858 users x 40,981 items, ~810k interactions) both 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from pipeline.retrieval.topk import UserItems, sorted_catalogue, topk_ranked, topk_scored
 
-__all__ = ["interaction_matrix", "item_knn_topk", "item_similarity", "popularity_topk"]
+__all__ = [
+    "VALID_K",
+    "Holdout",
+    "choose",
+    "holdout",
+    "interaction_matrix",
+    "item_knn_topk",
+    "item_similarity",
+    "popularity_topk",
+]
+
+VALID_K = 20  # the tuned baselines choose their hyper-parameters by valid recall@VALID_K
 
 
 def popularity_topk(
@@ -64,9 +81,10 @@ def popularity_topk(
 
 
 def interaction_matrix(
-    users: np.ndarray, items: np.ndarray, n_users: int, n_items: int
+    users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, binary: bool = True
 ) -> sp.csr_matrix:
-    """(n_users, n_items) binary CSR matrix of (user, item) events; repeats count once."""
+    """(n_users, n_items) CSR matrix of (user, item) events: 1 per pair (repeats count once),
+    or with ``binary=False`` the number of events of each pair."""
     u = np.asarray(users, dtype=np.int64)
     i = np.asarray(items, dtype=np.int64)
     if u.shape != i.shape or u.ndim != 1:
@@ -77,8 +95,57 @@ def interaction_matrix(
         (np.ones(u.size, np.float32), (u, i)), shape=(n_users, n_items), dtype=np.float32
     )
     x.sum_duplicates()
-    x.data[:] = 1.0
+    if binary:
+        x.data[:] = 1.0
     return x
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """What a tuned baseline is chosen on: fit on ``train``, rank the catalogue for ``users``
+    (every user with a valid event) with their train items excluded, score recall@VALID_K
+    against their valid items, by the protocol of the test figures (DESIGN.md)."""
+
+    train: sp.csr_matrix  # (n_users, n_items) event counts of the train split
+    users: np.ndarray  # (V,) users with at least one valid event
+    truth: UserItems  # (V rows) their valid items
+    exclude: UserItems  # (V rows) their train items
+
+
+def holdout(
+    train: tuple[np.ndarray, np.ndarray],
+    valid: tuple[np.ndarray, np.ndarray],
+    n_users: int,
+    n_items: int,
+) -> Holdout:
+    """The :class:`Holdout` of (user, item) event arrays of the train and valid splits."""
+    users = np.unique(np.asarray(valid[0], dtype=np.int64))
+    return Holdout(
+        train=interaction_matrix(*train, n_users, n_items, binary=False),
+        users=users,
+        truth=UserItems.for_users(users, *valid),
+        exclude=UserItems.for_users(users, *train),
+    )
+
+
+def choose(
+    grid: list[dict[str, float]], valid_recall: Callable[[dict[str, float]], float]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The grid point of highest ``valid_recall`` (the first on ties) and the table of every
+    point with its ``valid_recall@VALID_K``, in grid order. A NaN recall (no valid events)
+    is stored as None and ranks last, so without validation the first point is chosen."""
+    if not grid:
+        raise ValueError("the hyper-parameter grid is empty")
+    key = f"valid_recall@{VALID_K}"
+    table: list[dict[str, Any]] = []
+    for p in grid:
+        r = float(valid_recall(p))
+        table.append({**p, key: None if np.isnan(r) else r})
+    best = max(
+        range(len(table)),
+        key=lambda j: (-np.inf if table[j][key] is None else table[j][key], -j),
+    )
+    return table[best], table
 
 
 def item_similarity(x: sp.spmatrix, neighbours: int, block: int = 1024) -> sp.csr_matrix:

@@ -42,6 +42,7 @@ from pipeline.core.rundir import (
     write_text,
     write_with,
 )
+from pipeline.evaluation.baselines import VALID_K
 from pipeline.evaluation.breakdown import (
     ITEM_BUCKETS,
     USER_BUCKETS,
@@ -70,8 +71,11 @@ LABELS = {
     "exact": "two-tower (exact)",
     "item_knn": "item-kNN",
     "popularity": "popularity",
+    "als": "ALS",
+    "ease": "EASE",
 }
 _SHORT = {"index": "model, index", "exact": "model, exact", "item_knn": "item-kNN"}
+_VALID = f"valid_recall@{VALID_K}"  # the tuned baselines' choice criterion
 METRICS = ("recall", "ndcg", "mrr", "hit_rate", "precision", "coverage", "popularity_bias")
 _BUCKET_COLOURS = {
     "head": "#d62728",
@@ -203,6 +207,8 @@ def sections(
             rows,
         )
     )
+    tuned = _tuned_section(summary)
+    out += [tuned] if tuned else []
     out += _breakdown_sections(summary, srcs, kh, plots)
     out += _health_sections(summary, plots)
     if sweep is not None:
@@ -218,6 +224,60 @@ def sections(
             )
         )
     return out
+
+
+def _tuned_section(summary: dict[str, Any]) -> Section | None:
+    """ALS and EASE: the hyper-parameters chosen on validation, their valid recall and times."""
+    base = summary.get("baselines", {})
+    names = [s for s in ("als", "ease") if s in base]
+    if not names:
+        return None
+    text = [
+        "Hyper-parameters chosen on the valid split (fit on train, train items excluded, "
+        f"best valid recall@{VALID_K}), then refit on train+valid for the test figures above. "
+        "Seconds: the whole baseline (every fit of the grid, the refit and the ranking)."
+    ]
+    rows = []
+    for name in names:
+        e = base[name]
+        if "skipped" in e:
+            text.append(f"**{e['skipped']}**.")
+            continue
+        chosen = (
+            f"factors {e['factors']}, regularization {e['regularization']:g}, "
+            f"alpha {e['alpha']:g}, iterations {e['iterations']}"
+            if name == "als"
+            else f"l2 {e['l2']:g}"
+        )
+        grid = "; ".join(
+            " ".join(f"{k}={v:g}" for k, v in p.items() if k != _VALID) + f": {_f(p.get(_VALID))}"
+            for p in e.get("grid", [])
+        )
+        rows.append(
+            [
+                LABELS[name],
+                chosen,
+                _f(e.get(_VALID)),
+                grid,
+                _f(float(e["choice_seconds"]), 2),
+                _f(float(summary.get("seconds", {}).get(name, float("nan"))), 2),
+            ]
+        )
+    return Section(
+        "Tuned baselines: ALS and EASE",
+        text,
+        [
+            "baseline",
+            "chosen",
+            f"valid recall@{VALID_K}",
+            "grid: valid recall",
+            "choice s",
+            "seconds",
+        ]
+        if rows
+        else [],
+        rows,
+    )
 
 
 def _breakdown_sections(
@@ -421,7 +481,14 @@ def plot_recall(summary: dict[str, Any], path: Path) -> None:
     ks = list(summary["ks"])
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
-    styles = {"index": "o-", "exact": "x--", "item_knn": "s-", "popularity": "^-"}
+    styles = {
+        "index": "o-",
+        "exact": "x--",
+        "item_knn": "s-",
+        "popularity": "^-",
+        "als": "d-",
+        "ease": "v-",
+    }
     for s in _sources(summary):
         ax.plot(ks, [summary[s][f"recall@{k}"] for k in ks], styles[s], label=LABELS[s])
     ax.set_xlabel("k")

@@ -3,12 +3,15 @@
 For every user in USER_EMBEDDINGS with at least one test event: rank the whole catalogue
 (every indexed item) with the user's train+valid items excluded, and score the top-k against
 the user's test items (an unknown test item, id 0, counts in |test| but can never be hit).
-Four rankings side by side on the same users and split:
+Six rankings side by side on the same users and split:
 
 * ``index`` — through the built FAISS index (the served path, loaded from INDEX);
 * ``exact`` — brute force over ITEM_EMBEDDINGS (so the ANN loss is visible);
 * ``popularity`` — the most popular unseen items by ``pop_all`` (train+valid counts);
-* ``item_knn`` — item-kNN on the train+valid interactions (:mod:`pipeline.evaluation.baselines`).
+* ``item_knn`` — item-kNN on the train+valid interactions (:mod:`pipeline.evaluation.baselines`);
+* ``als`` — ALS (``implicit``, :mod:`pipeline.evaluation.als`) and ``ease`` — EASE
+  (:mod:`pipeline.evaluation.ease`; skipped above ``eval.ease.max_items``): hyper-parameters
+  chosen by valid recall@20 of a fit on train, then refit on train+valid.
 
 Each gets recall, NDCG, MRR, hit rate, precision, catalogue coverage and popularity bias
 (mean ``pop_train`` of what it recommends) at every k; recall and NDCG keep their keys and
@@ -45,7 +48,9 @@ from pipeline.core.rundir import (
     read_json,
     write_json,
 )
+from pipeline.evaluation.als import als_baseline
 from pipeline.evaluation.baselines import (
+    holdout,
     interaction_matrix,
     item_knn_topk,
     item_similarity,
@@ -59,6 +64,7 @@ from pipeline.evaluation.breakdown import (
     popularity_thresholds,
     read_popularity,
 )
+from pipeline.evaluation.ease import ease_baseline
 from pipeline.evaluation.embedding_health import embedding_health
 from pipeline.evaluation.metrics import coverage, popularity_bias, ranking_metrics
 from pipeline.evaluation.report import flat_metrics, write_report
@@ -69,7 +75,8 @@ from pipeline.retrieval.topk import UserItems, ann_recall, topk_exact, topk_inde
 
 __all__ = ["SOURCES", "evaluate_stage"]
 
-SOURCES = ("index", "exact", "item_knn", "popularity")  # the rankings, model first
+# the rankings, model first
+SOURCES = ("index", "exact", "item_knn", "popularity", "als", "ease")
 
 
 def _list_metrics(
@@ -157,10 +164,10 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
         query_vecs, item_vecs, item_ids, exclude, kmax, cfg.batch_size, meta["metric"]
     )
     seconds["exact"] = time.perf_counter() - t0
+    n_users = max(int(feature_meta["n_users"]), int(events["user_idx"].max()) + 1)
+    n_items = max(int(feature_meta["n_items"]), int(events["item_idx"].max()) + 1)
     if cfg.item_knn:
         t0 = time.perf_counter()
-        n_users = max(int(feature_meta["n_users"]), int(events["user_idx"].max()) + 1)
-        n_items = max(int(feature_meta["n_items"]), int(events["item_idx"].max()) + 1)
         x = interaction_matrix(
             seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy(), n_users, n_items
         )
@@ -170,6 +177,7 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
     t0 = time.perf_counter()
     tops["popularity"] = popularity_topk(pop_all, item_ids, exclude, kmax, cfg.batch_size)
     seconds["popularity"] = time.perf_counter() - t0
+    tuned = _tuned_baselines(cfg, events, n_users, n_items, users, item_ids, exclude, tops, seconds)
 
     # -- metrics, breakdowns, embedding health
     t0 = time.perf_counter()
@@ -220,6 +228,7 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
                     if cfg.item_knn
                     else {}
                 ),
+                **tuned,
             },
             "breakdown": {
                 "users": {
@@ -249,6 +258,48 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
         rows={"users": int(rows.size), "items": int(item_ids.size)},
         metrics={**_tracked_metrics(summary), "report_seconds": report_seconds},
     )
+
+
+def _tuned_baselines(
+    cfg: EvalConfig,
+    events: pl.DataFrame,
+    n_users: int,
+    n_items: int,
+    users: np.ndarray,
+    item_ids: np.ndarray,
+    exclude: UserItems,
+    tops: dict[str, np.ndarray],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """ALS and EASE (when enabled): chosen on the valid split, refit on train+valid, ranked
+    into ``tops``, timed (choice + refit + ranking) into ``seconds``; returns their summary
+    entries (what was chosen, or why EASE was skipped)."""
+    if not (cfg.als.enabled or cfg.ease.enabled):
+        return {}
+
+    def pairs(*splits: str) -> tuple[np.ndarray, np.ndarray]:
+        ev = events.filter(pl.col("split").is_in(splits))
+        return ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy()
+
+    hold = holdout(pairs("train"), pairs("valid"), n_users, n_items)
+    seen = interaction_matrix(*pairs("train", "valid"), n_users, n_items, binary=False)
+    kmax = int(max(cfg.ks))
+    out: dict[str, Any] = {}
+    if cfg.als.enabled:
+        t0 = time.perf_counter()
+        tops["als"], out["als"] = als_baseline(
+            cfg.als, hold, seen, users, item_ids, exclude, kmax, cfg.batch_size, cfg.seed
+        )
+        seconds["als"] = time.perf_counter() - t0
+    if cfg.ease.enabled:
+        t0 = time.perf_counter()
+        top, out["ease"] = ease_baseline(
+            cfg.ease, hold, seen, users, item_ids, exclude, kmax, cfg.batch_size
+        )
+        if top is not None:
+            tops["ease"] = top
+            seconds["ease"] = time.perf_counter() - t0
+    return out
 
 
 def _tracked_metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -16,6 +16,9 @@ vocabularies know, plus its dense layers where shapes match (:mod:`pipeline.trai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from pipeline.core.config import TrainSpec
@@ -51,6 +54,30 @@ def train_stage(
     cfg = spec.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    with matmul_precision(cfg.matmul_precision):
+        return _train(spec, run, resume, on_epoch)
+
+
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` while training, restored after.
+
+    "medium" lets float32 matmuls run with bf16 inputs and float32 accumulation (oneDNN on
+    CPUs with AMX or AVX-512 BF16, tensor cores on GPUs); "high" allows TF32 on GPUs. The
+    tensors stay float32, so checkpoints and every later stage are unchanged.
+    """
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _train(
+    spec: TrainSpec, run: RunDir, resume: bool, on_epoch: EpochCallback | None
+) -> StageRecord:
+    cfg = spec.train
     ft = load_feature_tensors(run)
     tu, ti = load_pairs(run, ["train"])
     if len(tu) == 0:

@@ -55,6 +55,19 @@ BAD_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("eval.popularity_shares", "increasing"),
     ),
     "negative seed": ("eval:\n  seed: -1\n", ("eval.seed", "-1")),
+    "negative ALS regularization": (
+        "eval:\n  als:\n    regularization: [0.1, -0.1]\n",
+        ("eval.als.regularization[1]", "-0.1"),
+    ),
+    "empty ALS grid": ("eval:\n  als:\n    alpha: []\n", ("eval.als.alpha", "at least 1")),
+    "bool for ALS factors": ("eval:\n  als:\n    factors: true\n", ("eval.als.factors", "true")),
+    "negative ALS threads": ("eval:\n  als:\n    threads: -1\n", ("eval.als.threads", "-1")),
+    "zero EASE l2": ("eval:\n  ease:\n    l2: [0]\n", ("eval.ease.l2[0]", "0")),
+    "empty EASE grid": ("eval:\n  ease:\n    l2: []\n", ("eval.ease.l2", "at least 1")),
+    "bool for EASE max_items": (
+        "eval:\n  ease:\n    max_items: false\n",
+        ("eval.ease.max_items", "false"),
+    ),
     "seed beyond 32 bits": (
         "data:\n  synthetic:\n    seed: 4294967296\n",
         ("data.synthetic.seed", "4294967296"),

@@ -248,3 +248,31 @@ def test_write_report_with_umap_item_map(tmp_path):
     assert run.path(EVAL_PLOT_MAP).read_bytes()[:4] == b"\x89PNG"
     assert run.path(EVAL_HTML).read_text().count("data:image/png;base64,") == 3
     assert "item_map.png" in run.path(EVAL_REPORT).read_text()
+
+
+def test_tuned_baselines_section_shows_choices_times_and_skips():
+    s = make_summary()
+    s["als"] = dict(s["item_knn"])
+    s["seconds"]["als"] = 7.5
+    s["baselines"] = {
+        "als": {
+            "factors": 128,
+            "iterations": 15,
+            "regularization": 0.1,
+            "alpha": 10.0,
+            "valid_recall@20": 0.3125,
+            "grid": [
+                {"regularization": 0.1, "alpha": 1.0, "valid_recall@20": 0.25},
+                {"regularization": 0.1, "alpha": 10.0, "valid_recall@20": 0.3125},
+            ],
+            "choice_seconds": 6.25,
+        },
+        "ease": {"skipped": "EASE skipped: 40981 items > eval.ease.max_items (20000)"},
+    }
+    md = to_markdown(sections(s, None, {}))
+    assert "## Tuned baselines: ALS and EASE" in md
+    assert "| ALS | factors 128, regularization 0.1, alpha 10, iterations 15 | 0.3125 |" in md
+    assert "regularization=0.1 alpha=1: 0.2500; regularization=0.1 alpha=10: 0.3125" in md
+    assert "| 6.25 | 7.50 |" in md
+    assert "**EASE skipped: 40981 items > eval.ease.max_items (20000)**" in md
+    assert "recall (ALS)" in md and "EASE" not in md.split("## Tuned")[0]

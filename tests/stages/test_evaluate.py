@@ -181,7 +181,9 @@ def test_evaluate_stage_end_to_end(tmp_path):
         assert key in summary
     for src in SOURCES:
         assert set(summary[src]) == {f"{m}@{k}" for k in KS for m in ALL_METRICS}
-    assert set(summary["seconds"]) == {*SOURCES, "metrics", "health"}
+    for src in ("als", "ease"):  # the tuned baselines (tests/evaluation/test_als.py, _ease.py)
+        assert set(summary[src]) == {f"{m}@{k}" for k in KS for m in ALL_METRICS}
+    assert set(summary["seconds"]) == {*SOURCES, "als", "ease", "metrics", "health"}
     assert summary["n_users"] == 12  # 14 embedded, users 2 and 5 have no test item
     assert summary["n_users_embedded"] == 14
     assert summary["n_items"] == N_ITEMS - 1  # row 0 is never ranked
