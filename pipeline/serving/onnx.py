@@ -98,11 +98,17 @@ def _onnxruntime():
 
 
 def onnx_session(path: Path, threads: int | None = None):  # -> onnxruntime.InferenceSession
-    """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads, None = ort's)."""
+    """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads, None = ort's).
+
+    Its intra-op threads do not spin-wait between runs: serving runs one small request at a
+    time, and a spinning pool made the ONNX backend's p99 5-10x its p50 (ml-100k bundle,
+    2 cores: p99 9.8-13.4 ms spinning, 1.5-3.0 ms not, p50 unchanged; benchmarks/README.md).
+    """
     ort = _onnxruntime()
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 

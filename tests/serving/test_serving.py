@@ -62,6 +62,15 @@ def test_onnx_and_torch_towers_agree(both, users: pl.DataFrame, bundle: Path) ->
     np.testing.assert_allclose(ra.scores, rb.scores, atol=tol)
 
 
+def test_onnx_session_threads_do_not_spin_and_threads_are_kept(bundle: Path) -> None:
+    """The serving session's intra-op pool sleeps between requests (a spinning pool made the
+    ONNX p99 5-10x its p50) and takes the thread count it is given."""
+    retriever = Retriever(bundle, backend="onnx", threads=1)
+    opts = retriever.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 1
+
+
 def test_auto_backend_prefers_onnx_and_bad_backend_is_refused(bundle: Path) -> None:
     assert Retriever(bundle).backend == "onnx"
     with pytest.raises(ValueError, match="backend must be one of"):
