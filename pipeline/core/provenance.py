@@ -23,12 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from typing import Any
 
 from pipeline.core.config import Config
 from pipeline.core.hashing import files_hash, sections_hash
-from pipeline.core.rundir import RunDir
+from pipeline.core.rundir import RunDir, remove_path
 from pipeline.core.stages import NAMES, STAGES, stage, upstream
 
 log = logging.getLogger(__name__)
@@ -185,11 +184,7 @@ def start_over(run: RunDir, name: str) -> list[str]:
     removed run-relative paths. Call it only while holding the pipeline's lock."""
     gone = start_over_paths(run, name)
     for rel in gone:
-        p = run.path(rel)
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
+        remove_path(run.path(rel))
     later = {st.name for st in STAGES[NAMES.index(name) :]}
     m = run.manifest()
     for key in ("stages", "attempts"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -85,6 +86,15 @@ class StageRecord:
         """A record read back from the manifest (keys this version does not know are ignored)."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def remove_path(path: Path, ignore_errors: bool = False) -> None:
+    """Delete a file, a symlink (not what it points to) or a directory tree; absent is fine.
+    ``ignore_errors``: a tree that cannot be removed whole is left as it is (best effort)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager

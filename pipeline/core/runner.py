@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import time
@@ -47,7 +46,14 @@ from pipeline.core.provenance import (
     input_parts,
     output_hash,
 )
-from pipeline.core.rundir import EVAL_REPORT, EXPORT_DIR, MANIFEST, RunDir, StageRecord
+from pipeline.core.rundir import (
+    EVAL_REPORT,
+    EXPORT_DIR,
+    MANIFEST,
+    RunDir,
+    StageRecord,
+    remove_path,
+)
 from pipeline.core.stages import STAGES, resolve, stage
 
 __all__ = [  # the run-directory rules live in pipeline.core.provenance; re-exported here
@@ -291,10 +297,7 @@ def sweep_temporaries(run: RunDir) -> list[Path]:
     if export.is_dir():
         gone += [p for p in export.iterdir() if p.name.startswith(".")]
     for p in gone:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        remove_path(p, ignore_errors=True)
     if gone:
         log.warning(
             "%s: removed %d temporary file(s) left by an interrupted run: %s",
