@@ -20,6 +20,7 @@ import time
 import torch
 
 from pipeline.core.config import LossConfig, TrainConfig
+from pipeline.training.allocator import keep_freed_memory
 from pipeline.training.optim import make_optimizer
 from towers import TowerConfig, TwoTower, build_loss, log_q_from_counts
 
@@ -41,8 +42,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mmap", action="store_true", help="glibc's default allocator thresholds")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.mmap:
+        keep_freed_memory()  # as the train stage does
     gen = torch.Generator().manual_seed(0)
     counts = torch.randint(1, 100, (args.items + 1,), generator=gen).float()
     log_q = log_q_from_counts(counts)  # (n_items + 1,)
@@ -87,6 +91,7 @@ def main() -> None:
         "history": args.history,
         "batch": args.batch,
         "threads": args.threads,
+        "heap": not args.mmap,
         **{f"ms_{name}": round(statistics.median(v), 1) for name, v in times.items()},
     }
     print(json.dumps(out))

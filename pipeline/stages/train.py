@@ -31,6 +31,7 @@ from pipeline.core.rundir import (
     StageRecord,
     write_json,
 )
+from pipeline.training.allocator import keep_freed_memory
 from pipeline.training.batches import load_feature_tensors, load_pairs
 from pipeline.training.encoding import load_checkpoint, tower_config
 from pipeline.training.loop import (
@@ -54,6 +55,7 @@ def train_stage(
     cfg = spec.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # a step's table-sized gradients reuse the heap (allocator.py)
     with matmul_precision(cfg.matmul_precision):
         return _train(spec, run, resume, on_epoch)
 
