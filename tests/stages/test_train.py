@@ -173,9 +173,12 @@ def test_user_balanced_rows_draw_users_uniformly_and_match_their_counts() -> Non
 
 
 def test_matmul_precision_applies_while_training_only_and_stays_close(tmp_path: Path) -> None:
-    """``train.matmul_precision=medium`` (bf16 matmul units, fp32 tensors) is in force during
-    training and restored after; its losses stay within bf16's tolerance of full fp32."""
-    cfg, run = _features_run(tmp_path, "train.epochs=2", "train.refit=false")
+    """``train.matmul_precision=medium`` (the default: bf16 matmul units, fp32 tensors) is in
+    force during training and restored after; its losses stay within bf16's tolerance of full
+    fp32."""
+    cfg, run = _features_run(
+        tmp_path, "train.epochs=2", "train.refit=false", "train.matmul_precision=highest"
+    )
     seen: list[str] = []
     full = train_stage(
         _spec(cfg), run, on_epoch=lambda s, m: seen.append(torch.get_float32_matmul_precision())
