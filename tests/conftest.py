@@ -101,3 +101,20 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+def _one_error_line(res, needle: str) -> str:
+    """The CLI result failed the project's way: exit code 2 and exactly one non-empty output
+    line, ``error: ...``, naming ``needle``, with no traceback. Returns that line."""
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def one_error_line():
+    """:func:`_one_error_line`, the check every CLI error test makes."""
+    return _one_error_line

@@ -72,16 +72,6 @@ def rehash(bundle: Path) -> None:
     mpath.write_text(json.dumps(manifest))
 
 
-def one_error_line(res, needle: str) -> str:
-    """The command failed with exit 2 and exactly one non-empty output line naming ``needle``."""
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.output
-    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def bundle(tiny_run) -> Path:
     _, run = tiny_run
@@ -104,7 +94,9 @@ def _write_manifest(bundle: Path, manifest: dict) -> None:
 
 
 # -- no unpickling -----------------------------------------------------------------------------
-def test_crafted_pt2_is_never_loaded_by_the_torch_backend(copy: Path, tmp_path: Path) -> None:
+def test_crafted_pt2_is_never_loaded_by_the_torch_backend(
+    copy: Path, tmp_path: Path, one_error_line
+) -> None:
     """``user_tower.pt2`` whose sample inputs (read by torch.export.load with a
     weights_only=False fallback) touch a marker: serving with --backend torch never reads it
     and answers exactly as before from the rebuilt tower."""
@@ -132,7 +124,11 @@ def test_crafted_pt2_is_never_loaded_by_the_torch_backend(copy: Path, tmp_path: 
 
 @pytest.mark.parametrize("torch_file", ["checkpoint", "random bytes"])
 def test_crafted_model_pt_refuses_the_warm_start(
-    tiny_run, copy: Path, tmp_path: Path, torch_file: str
+    tiny_run,
+    copy: Path,
+    tmp_path: Path,
+    torch_file: str,
+    one_error_line,
 ) -> None:
     """A bundle's ``model.pt`` that unpickles an object (or is corrupt): a warm start from the
     bundle exits 2 naming the file, and the marker never appears."""
@@ -193,7 +189,7 @@ def test_manifest_lists_weights_probes_and_the_tower_config(bundle: Path) -> Non
     assert 0 <= tower["probes"]["torch_max_abs_diff"] < tower["probes"]["tolerance"]
 
 
-def test_tampered_probe_or_weights_make_the_retriever_refuse(copy: Path) -> None:
+def test_tampered_probe_or_weights_make_the_retriever_refuse(copy: Path, one_error_line) -> None:
     probes = json.loads((copy / PROBES_FILE).read_text())
     probes["expected"][1][0] += 0.01  # 100x the tolerance
     (copy / PROBES_FILE).write_text(json.dumps(probes))
@@ -257,7 +253,10 @@ def test_weights_that_do_not_fit_and_old_bundles_are_refused(copy: Path) -> None
 # -- paths that leave their place -------------------------------------------------------------
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_manifest_entries_outside_the_bundle_are_refused(
-    copy: Path, tmp_path: Path, how: str
+    copy: Path,
+    tmp_path: Path,
+    how: str,
+    one_error_line,
 ) -> None:
     outside = tmp_path / "outside"
     outside.write_bytes(b"secret")
@@ -304,7 +303,9 @@ def test_names_that_would_leave_their_directory_are_config_errors(key: str, valu
     assert load_config(None, [f"{key}=v1"]) is not None  # a plain name is fine
 
 
-def test_cli_refuses_export_version_and_name_with_dotdot(tiny_run, tmp_path: Path) -> None:
+def test_cli_refuses_export_version_and_name_with_dotdot(
+    tiny_run, tmp_path: Path, one_error_line
+) -> None:
     _, run = tiny_run
     work = tmp_path / "w" / "run"
     shutil.copytree(run.root, work)
@@ -328,7 +329,7 @@ def test_loading_a_bundle_leaves_the_global_rng_alone(bundle: Path) -> None:
     assert torch.equal(before, torch.get_rng_state())
 
 
-def test_unreadable_onnx_is_refused_naming_the_file(copy: Path) -> None:
+def test_unreadable_onnx_is_refused_naming_the_file(copy: Path, one_error_line) -> None:
     (copy / ONNX_FILE).write_bytes(b"not an onnx model")
     rehash(copy)
     args = ["recommend", "--bundle", str(copy), "--user", "u", "--backend", "torch"]

@@ -67,16 +67,6 @@ def other_keys(tmp_path: Path) -> tuple[Path, Path]:
     return generate_key(tmp_path / "other" / "o.pem", tmp_path / "other" / "o.pub.pem")
 
 
-def one_error_line(res, needle: str) -> str:
-    """The command failed with exit 2 and exactly one non-empty output line naming ``needle``."""
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.output
-    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 # -- library ----------------------------------------------------------------------------------
 def test_sign_and_verify_roundtrip(bundle: Path, keys: tuple[Path, Path]) -> None:
     priv, pub = keys
@@ -240,7 +230,7 @@ def test_export_stage_refuses_a_bad_key_before_any_work(tmp_path: Path) -> None:
 
 
 # -- command line -----------------------------------------------------------------------------
-def test_cli_keygen_writes_two_files_and_never_overwrites(tmp_path: Path) -> None:
+def test_cli_keygen_writes_two_files_and_never_overwrites(tmp_path: Path, one_error_line) -> None:
     prefix = tmp_path / "team"
     res = CliRunner().invoke(app, ["keygen", "--out", str(prefix)])
     assert res.exit_code == 0, res.output
@@ -254,7 +244,10 @@ def test_cli_keygen_writes_two_files_and_never_overwrites(tmp_path: Path) -> Non
 
 
 def test_cli_sign_then_recommend_with_the_public_key(
-    bundle: Path, keys: tuple[Path, Path], other_keys: tuple[Path, Path]
+    bundle: Path,
+    keys: tuple[Path, Path],
+    other_keys: tuple[Path, Path],
+    one_error_line,
 ) -> None:
     priv, pub = keys
     res = CliRunner().invoke(app, ["sign", "--bundle", str(bundle), "--key", str(priv)])
@@ -271,7 +264,9 @@ def test_cli_sign_then_recommend_with_the_public_key(
     one_error_line(res, str(bundle / SIGNATURE_FILE))
 
 
-def test_cli_bad_key_file_is_named(bundle: Path, keys: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_bad_key_file_is_named(
+    bundle: Path, keys: tuple[Path, Path], tmp_path: Path, one_error_line
+) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key\n")
     res = CliRunner().invoke(

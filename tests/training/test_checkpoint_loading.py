@@ -57,14 +57,6 @@ def _evil(path: Path, marker: Path) -> None:
     assert proof.exists()
 
 
-def _one_error_line(res, needle: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    assert needle in lines[0] and "Traceback" not in res.output, lines[0]
-    return lines[0]
-
-
 @pytest.fixture()
 def work(tiny_run, tmp_path: Path) -> RunDir:
     _, run = tiny_run
@@ -73,24 +65,24 @@ def work(tiny_run, tmp_path: Path) -> RunDir:
     return out
 
 
-def test_crafted_best_pt_refuses_embed(work: RunDir, tmp_path: Path) -> None:
+def test_crafted_best_pt_refuses_embed(work: RunDir, tmp_path: Path, one_error_line) -> None:
     marker = tmp_path / "best-marker"
     _evil(work.path(BEST_CHECKPOINT), marker)
     res = CliRunner().invoke(app, ["embed", "--run", str(work.root)], env=WIDE)
-    line = _one_error_line(res, str(work.path(BEST_CHECKPOINT)))
+    line = one_error_line(res, str(work.path(BEST_CHECKPOINT)))
     assert "refused" in line and "Unsupported global" in line
     assert not marker.exists()
 
 
-def test_crafted_checkpoint_refuses_resume(work: RunDir, tmp_path: Path) -> None:
+def test_crafted_checkpoint_refuses_resume(work: RunDir, tmp_path: Path, one_error_line) -> None:
     marker = tmp_path / "ckpt-marker"
     _evil(work.path(CHECKPOINT), marker)
     res = CliRunner().invoke(app, ["train", "--run", str(work.root), "--resume"], env=WIDE)
-    _one_error_line(res, f"{work.path(CHECKPOINT)}: refused")
+    one_error_line(res, f"{work.path(CHECKPOINT)}: refused")
     assert not marker.exists()
     work.path(CHECKPOINT).write_bytes(b"PK\x03\x04 truncated")  # corrupt: refused too
     res = CliRunner().invoke(app, ["train", "--run", str(work.root), "--resume"], env=WIDE)
-    _one_error_line(res, f"{work.path(CHECKPOINT)}: not a readable checkpoint")
+    one_error_line(res, f"{work.path(CHECKPOINT)}: not a readable checkpoint")
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
