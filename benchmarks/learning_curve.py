@@ -26,7 +26,7 @@ import torch
 from pipeline.core.rundir import RunDir
 from pipeline.training.allocator import keep_freed_memory
 from pipeline.training.batches import iterate_batches, load_feature_tensors, load_pairs
-from pipeline.training.loop import _validate, validation_set
+from pipeline.training.loop import validate, validation_set
 from towers import TowerConfig, TwoTower, build_loss, log_q_from_counts
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     if val is None:
         raise SystemExit(f"{run.root}: no validation events")
     tu, ti = torch.from_numpy(tu_np), torch.from_numpy(ti_np)
-    log_q = log_q_from_counts(torch.bincount(ti, minlength=ft.n_items).float())  # (n_items,)
+    log_q = log_q_from_counts(ft.pop_train.float())  # (n_items,) as the select phase's logQ
     torch.manual_seed(0)
     model = TwoTower.from_config(TowerConfig(n_users=ft.n_users, n_items=ft.n_items, dim=256))
     init_s = 0.0
@@ -97,7 +97,7 @@ def main() -> None:
             step += 1
             if step % args.every == 0:
                 v0 = time.perf_counter()
-                recall = _validate(model, ft, val, 20)["valid_recall@20"]
+                recall = validate(model, ft, val, 20)["valid_recall@20"]
                 valid_s = time.perf_counter() - v0
                 point = [step, round(step / per_epoch, 2), round(train_s, 1), round(valid_s, 2)]
                 curve.append([*point, round(recall, 4)])

@@ -63,7 +63,9 @@ def validation_set(run: RunDir, tu: np.ndarray, ti: np.ndarray) -> Validation | 
     )
 
 
-def _validate(model: TwoTower, ft: FeatureTensors, val: Validation, k: int) -> dict[str, float]:
+def validate(model: TwoTower, ft: FeatureTensors, val: Validation, k: int) -> dict[str, float]:
+    """``valid_recall@k`` / ``valid_ndcg@k`` of ``model`` on ``val``, from features already in
+    memory (what the select phase scores after every epoch)."""
     items = encode_items(model, ft, "train").numpy()
     users = encode_users(model, ft, val.users, "train").numpy()
     ids = np.arange(1, ft.n_items, dtype=np.int64)
@@ -81,7 +83,7 @@ def validate_model(model: TwoTower, run: RunDir, k: int) -> dict[str, float]:
     val = validation_set(run, tu, ti)
     if not model.config.item_audience:
         ft = ft.without_audience()
-    return {} if val is None else _validate(model, ft, val, k)
+    return {} if val is None else validate(model, ft, val, k)
 
 
 def learning_rate(cfg: TrainConfig, progress: float) -> float:
@@ -342,7 +344,7 @@ def run_phase(
             row["lr"] = st.opt.param_groups[0]["lr"]
             if phase.val is not None:
                 v0 = time.time()
-                row.update(_validate(st.model, ft, phase.val, cfg.valid_k))
+                row.update(validate(st.model, ft, phase.val, cfg.valid_k))
                 row["valid_seconds"] = time.time() - v0
                 score = row[f"valid_recall@{cfg.valid_k}"]
             else:
