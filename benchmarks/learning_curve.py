@@ -87,8 +87,7 @@ def main() -> None:
             u, i = tu[rows], ti[rows]  # (B,), (B,)
             ub = ft.user_batch(u, "train")
             ub["exclude"] = i
-            user = model.encode_users(ub)  # (B, 256)
-            item = model.encode_items(ft.item_batch(i, "train"))  # (B, 256)
+            user, item = model(ub, ft.item_batch(i, "train"))  # (B, 256) each, as the loop
             loss = loss_fn(user, item, item_ids=i, user_ids=u, log_q=log_q[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()

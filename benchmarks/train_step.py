@@ -66,8 +66,9 @@ def main() -> None:
         u = torch.randint(1, args.users + 1, (args.batch,), generator=gen)  # (B,)
         i = torch.randint(1, args.items + 1, (args.batch,), generator=gen)  # (B,)
         hist = torch.randint(0, args.items + 1, (args.batch, args.history), generator=gen)
-        user = model.encode_users({"user_idx": u, "history": hist, "exclude": i})  # (B, D)
-        item = model.encode_items({"item_idx": i})  # (B, D)
+        user, item = model(
+            {"user_idx": u, "history": hist, "exclude": i}, {"item_idx": i}
+        )  # (B, D) each, as the train loop calls it
         loss = loss_fn(user, item, item_ids=i, user_ids=u, log_q=log_q[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()

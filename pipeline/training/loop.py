@@ -311,10 +311,9 @@ def run_phase(
                 u, i = users[rows], items[rows]  # (B,), (B,)
                 ub = ft.user_batch(u, phase.history)
                 ub["exclude"] = i
-                user_vec = st.model.encode_users(ub)  # (B, dim)
                 ib = ft.item_batch(i, phase.history)
                 ib["exclude_user"] = u  # the row's user out of its item's audience
-                item_vec = st.model.encode_items(ib)  # (B, dim)
+                user_vec, item_vec = st.model(ub, ib)  # (B, dim) each
                 nb = st.negatives.batch(u, i, use_hard, use_memory)
                 extra = _shared_negatives(st.model, ft, nb, phase.history)
                 if nb.hard_ids is not None:

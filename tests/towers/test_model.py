@@ -558,3 +558,48 @@ def test_history_dropout_drops_entries_only_in_training():
     assert not torch.allclose(model.encode_users(batch), ref.encode_users(batch))
     with pytest.raises(ValueError, match="history_dropout"):
         full_config(history_dropout=1.0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(combine="sum"),
+        dict(combine="sum", hidden=[16], dropout=0.3, history_dropout=0.3),
+        dict(combine="gated", item_audience=True, history_dropout=0.2),
+        dict(combine="concat", hidden=[12]),
+        dict(share_item_embeddings=False),  # not shared: the two encodes, nothing fused
+    ],
+)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_forward_fuses_the_shared_lookups_and_equals_the_two_encodes(kw, sparse):
+    """``TwoTower.forward`` looks the history means and the item ids up in one embedding_bag
+    when they share the item table: the same vectors and the same gradients as
+    ``encode_users`` + ``encode_items`` (float32, summed in another order: 1e-6), also with
+    dropout under one seed and with sparse table gradients."""
+    from towers import use_sparse_gradients
+
+    torch.manual_seed(0)
+    model = TwoTower.from_config(full_config(**kw))
+    use_sparse_gradients(model, sparse)
+    ub, ib = user_batch(9), item_batch(9, seed=1)
+    ib["item_idx"][:3] = ub["exclude"][:3]  # some rows' item is in their history
+    if kw.get("item_audience"):
+        g = torch.Generator().manual_seed(2)
+        ib["audience"] = torch.randint(0, N_USERS, (9, 4), generator=g)
+        ib["exclude_user"] = ub["user_idx"]
+    model.train()
+
+    def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the dropout masks
+        u, i = model(ub, ib) if fused else (model.encode_users(ub), model.encode_items(ib))
+        ((u * i).sum() + (u[:, :1] * i[:, 1:2]).sum()).backward()
+        grads = {n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None}
+        return u.detach(), i.detach(), grads
+
+    u1, i1, g1 = run(fused=False)
+    u2, i2, g2 = run(fused=True)
+    assert torch.allclose(u1, u2, atol=1e-6) and torch.allclose(i1, i2, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-6), name
