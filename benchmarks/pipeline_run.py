@@ -21,6 +21,24 @@ from pathlib import Path
 STAGES = ["ingest", "features", "train", "embed", "index", "evaluate", "export"]
 
 
+def run_stages(config: str, overrides: list[str], run: Path) -> tuple[dict, dict[str, float]]:
+    """Run every stage of ``config`` (with ``overrides``) into ``run``, one process each; the
+    run's manifest and each stage process's wall seconds. Exits naming the stage that failed."""
+    sets = [x for o in ["train.progress=false", *overrides] for x in ("--set", o)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    wall: dict[str, float] = {}
+    for i, stage in enumerate(STAGES):
+        cmd = ["twotower", stage, "--run", str(run)]
+        if i == 0:
+            cmd += ["--config", config, *sets]
+        t0 = time.time()
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall[stage] = time.time() - t0
+        if res.returncode != 0:
+            sys.exit(f"{stage} failed:\n{res.stdout}\n{res.stderr}")
+    return json.loads((run / "manifest.json").read_text()), wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -29,20 +47,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="twotower-bench-"))
     run = work / "run"
-    sets = [x for o in ["train.progress=false", *args.overrides] for x in ("--set", o)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    wall: dict[str, float] = {}
     t_all = time.time()
-    for i, stage in enumerate(STAGES):
-        cmd = ["twotower", stage, "--run", str(run)]
-        if i == 0:
-            cmd += ["--config", args.config, *sets]
-        t0 = time.time()
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall[stage] = time.time() - t0
-        if res.returncode != 0:
-            sys.exit(f"{stage} failed:\n{res.stdout}\n{res.stderr}")
-    manifest = json.loads((run / "manifest.json").read_text())
+    manifest, wall = run_stages(args.config, args.overrides, run)
     stages = manifest["stages"]
     ev = stages["evaluate"]["metrics"]
     out = {

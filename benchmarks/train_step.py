@@ -43,7 +43,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mmap", action="store_true", help="glibc's default allocator thresholds")
+    ap.add_argument(
+        "--settings",
+        default=",".join(name for name, _, _ in SETTINGS),
+        help="comma-separated subset of " + ", ".join(name for name, _, _ in SETTINGS),
+    )
     args = ap.parse_args()
+    chosen = [s for s in SETTINGS if s[0] in args.settings.split(",")]
+    if not chosen:
+        ap.error(f"--settings: none of {args.settings!r} is one of {[s[0] for s in SETTINGS]}")
     torch.set_num_threads(args.threads)
     if not args.mmap:
         keep_freed_memory()  # as the train stage does
@@ -52,7 +60,7 @@ def main() -> None:
     log_q = log_q_from_counts(counts)  # (n_items + 1,)
     temperature = LossConfig().temperature
     models = {}
-    for name, sparse, _ in SETTINGS:
+    for name, sparse, _ in chosen:
         torch.manual_seed(0)
         model = TwoTower.from_config(
             TowerConfig(n_users=args.users + 1, n_items=args.items + 1, dim=args.dim)
@@ -74,9 +82,9 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    times: dict[str, list[float]] = {name: [] for name, _, _ in SETTINGS}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in chosen}
     for r in range(args.rounds + 1):  # round 0 warms up (allocations, oneDNN kernels)
-        for name, _, precision in SETTINGS:
+        for name, _, precision in chosen:
             torch.set_float32_matmul_precision(precision)
             t0 = time.perf_counter()
             for _ in range(args.steps):

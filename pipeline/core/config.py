@@ -179,6 +179,12 @@ class TrainConfig(_Strict):
     lr_min: float = Field(0.0, ge=0)  # cosine: the learning rate reached at the last epoch
     patience: int = Field(8, ge=1)  # epochs without valid improvement before stopping
     valid_k: int = Field(20, ge=1)  # validation metric is recall@valid_k
+    # validate on a seeded sample of this many validation users (None: all of them); at
+    # millions of users an exact validation of all of them would cost more than the epoch
+    valid_users: int | None = Field(None, ge=1)
+    # end an epoch after this many steps (None: one pass over the pairs); with 10^8 pairs an
+    # "epoch" becomes a round of steps between validations, each with a fresh shuffle
+    steps_per_epoch: int | None = Field(None, ge=1)
     seed: Seed = 0  # seed of init and batch order
     refit: bool = True  # after selection, retrain on train+valid for the best epoch count
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default

@@ -84,7 +84,7 @@ def _train(
     tu, ti = load_pairs(run, ["train"])
     if len(tu) == 0:
         raise ValueError(f"{run.root}: the train split is empty; nothing to train on")
-    val = validation_set(run, tu, ti)
+    val = validation_set(run, tu, ti, cfg.valid_users, cfg.seed)
     tcfg = tower_config(spec.model, ft.meta)
     if not tcfg.item_audience:
         ft = ft.without_audience()

@@ -51,11 +51,18 @@ class Validation:
     exclude: UserItems
 
 
-def validation_set(run: RunDir, tu: np.ndarray, ti: np.ndarray) -> Validation | None:
+def validation_set(
+    run: RunDir, tu: np.ndarray, ti: np.ndarray, n_users: int | None = None, seed: int = 0
+) -> Validation | None:
+    """The run's validation users (all, or a seeded sample of ``n_users`` of them), their
+    validation items and their train items (``tu``, ``ti``) to exclude; None without any."""
     vu, vi = load_pairs(run, ["valid"])
     if len(vu) == 0:
         return None
-    users = np.unique(vu)
+    users = np.unique(vu)  # (U,) sorted
+    if n_users is not None and n_users < len(users):
+        pick = np.random.default_rng(seed).choice(len(users), n_users, replace=False)
+        users = users[np.sort(pick)]  # (n_users,) still sorted
     return Validation(
         users=torch.from_numpy(users),
         truth=UserItems.for_users(users, vu, vi),
@@ -283,6 +290,8 @@ def run_phase(
     cfg, neg = spec.train, spec.negatives
     users, items = phase.users, phase.items
     steps_per_epoch = max(len(users) // cfg.batch_size, 1)
+    if cfg.steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     bad_epochs = sum(1 for h in st.history if h["epoch"] > st.best_epoch)
     best_path = run.path(BEST_CHECKPOINT)
     with Progress(
@@ -307,6 +316,8 @@ def run_phase(
             order = user_balanced_rows(users, st.gen) if cfg.sampling == "users" else None
             batches = iterate_batches(len(users), cfg.batch_size, st.gen, order=order)
             for step, rows in enumerate(batches):
+                if step >= steps_per_epoch:  # train.steps_per_epoch: the epoch ends here
+                    break
                 set_lr(st.opt, learning_rate(cfg, epoch + step / steps_per_epoch))
                 u, i = users[rows], items[rows]  # (B,), (B,)
                 ub = ft.user_batch(u, phase.history)
@@ -339,7 +350,7 @@ def run_phase(
                 st.negatives.remember(i, item_vec.detach())
                 total, n = total + loss.item(), n + 1
                 bar.update(task, advance=1, loss=total / n)
-            row.update({"loss": total / max(n, 1), "epoch_seconds": time.time() - e0})
+            row.update({"loss": total / max(n, 1), "epoch_seconds": time.time() - e0, "steps": n})
             row["lr"] = st.opt.param_groups[0]["lr"]
             if phase.val is not None:
                 v0 = time.time()

@@ -205,3 +205,48 @@ def test_matmul_precision_applies_while_training_only_and_stays_close(tmp_path: 
     assert fast.metrics["best_valid_recall@20"] == pytest.approx(
         full.metrics["best_valid_recall@20"], abs=0.05
     )
+
+
+def test_steps_per_epoch_caps_every_epoch(tmp_path: Path) -> None:
+    """``train.steps_per_epoch`` ends each epoch after that many steps (a fresh shuffle each);
+    without it an epoch is one pass over the train pairs, batch by batch."""
+    cfg, run = _features_run(tmp_path, "train.epochs=2", "train.refit=false")
+    train_stage(_spec(cfg), run)
+    full = read_json(run.path(TRAIN_HISTORY))["history"]
+    assert all(h["steps"] == full[0]["steps"] for h in full) and full[0]["steps"] > 3
+    capped = load_config(
+        CONFIGS / "tiny.yaml",
+        [
+            "tracking.enabled=false",
+            "train.epochs=2",
+            "train.refit=false",
+            "train.steps_per_epoch=3",
+        ],
+    )
+    train_stage(_spec(capped), run)
+    hist = read_json(run.path(TRAIN_HISTORY))["history"]
+    assert [h["steps"] for h in hist] == [3, 3]
+
+
+def test_valid_users_validates_a_seeded_sample(tmp_path: Path) -> None:
+    """``train.valid_users``: a seeded sample of the validation users, their own held-out and
+    train items unchanged; the stage reports the sample's size."""
+    from pipeline.training.batches import load_pairs
+    from pipeline.training.loop import validation_set
+
+    cfg, run = _features_run(tmp_path, "train.epochs=1", "train.refit=false", "train.valid_users=7")
+    tu, ti = load_pairs(run, ["train"])
+    full = validation_set(run, tu, ti)
+    part = validation_set(run, tu, ti, 7, seed=0)
+    again = validation_set(run, tu, ti, 7, seed=0)
+    other = validation_set(run, tu, ti, 7, seed=1)
+    assert full is not None and part is not None and again is not None and other is not None
+    users = part.users.tolist()
+    assert len(users) == 7 and users == sorted(users) and set(users) <= set(full.users.tolist())
+    assert users == again.users.tolist() and users != other.users.tolist()
+    for r, u in enumerate(users):
+        f = full.users.tolist().index(u)
+        assert part.truth.row(r).tolist() == full.truth.row(f).tolist()
+        assert part.exclude.row(r).tolist() == full.exclude.row(f).tolist()
+    record = train_stage(_spec(cfg), run)
+    assert record.rows["valid_users"] == 7
