@@ -42,6 +42,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--zipf",
+        type=float,
+        default=0.0,
+        help="draw item ids with popularity rank^-zipf (0: uniform; the synthetic data: 1)",
+    )
     ap.add_argument("--mmap", action="store_true", help="glibc's default allocator thresholds")
     ap.add_argument(
         "--settings",
@@ -69,11 +75,19 @@ def main() -> None:
         opt = make_optimizer(model, [], TrainConfig(sparse_embeddings=sparse))
         models[name] = (model, loss_fn, opt)
 
+    popularity = torch.arange(1, args.items + 1, dtype=torch.float64) ** -args.zipf  # (n_items,)
+    item_cdf = torch.cumsum(popularity / popularity.sum(), 0)  # (n_items,)
+
+    def draw_items(n: int) -> torch.Tensor:
+        """n item rows in 1..items, uniform or Zipf-skewed (inverse CDF of ``popularity``)."""
+        u = torch.rand(n, generator=gen, dtype=torch.float64)  # (n,)
+        return torch.searchsorted(item_cdf, u).clamp_max(args.items - 1) + 1  # (n,)
+
     def step(name: str) -> None:
         model, loss_fn, opt = models[name]
         u = torch.randint(1, args.users + 1, (args.batch,), generator=gen)  # (B,)
-        i = torch.randint(1, args.items + 1, (args.batch,), generator=gen)  # (B,)
-        hist = torch.randint(0, args.items + 1, (args.batch, args.history), generator=gen)
+        i = draw_items(args.batch)  # (B,)
+        hist = draw_items(args.batch * args.history).reshape(args.batch, args.history)
         user, item = model(
             {"user_idx": u, "history": hist, "exclude": i}, {"item_idx": i}
         )  # (B, D) each, as the train loop calls it
@@ -101,6 +115,7 @@ def main() -> None:
         "batch": args.batch,
         "threads": args.threads,
         "heap": not args.mmap,
+        "zipf": args.zipf,
         **{f"ms_{name}": round(statistics.median(v), 1) for name, v in times.items()},
     }
     print(json.dumps(out))

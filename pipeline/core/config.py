@@ -192,7 +192,7 @@ class TrainConfig(_Strict):
     # (GPU TF32; CPU AMX/AVX-512 bf16 via oneDNN; plain fp32 where the CPU has neither) with
     # fp32 tensors and accumulation, in training and its validation (not in evaluate)
     matmul_precision: Literal["highest", "high", "medium"] = "medium"
-    # row-sparse table gradients + SparseAdam on the tables (pipeline/training/optim.py)
+    # row-sparse table gradients + lazy (row-wise) Adam on the tables (pipeline/training/optim.py)
     sparse_embeddings: bool = False
     progress: bool = True  # show a progress bar
     warm_start: str | None = None  # previous run dir or bundle: known ids' rows start from it
@@ -202,8 +202,8 @@ class TrainConfig(_Strict):
         if self.sparse_embeddings and self.weight_decay > 0:
             raise ValueError(
                 f"train.weight_decay ({self.weight_decay}) needs dense table updates: "
-                "train.sparse_embeddings uses SparseAdam, which has no weight decay; set one of "
-                "them off"
+                "train.sparse_embeddings uses a lazy Adam (RowSparseAdam) without weight decay; "
+                "set one of them off"
             )
         if self.lr_schedule == "cosine" and self.lr_min > self.lr:
             raise ValueError(

@@ -1,21 +1,23 @@
 """The optimiser of the train stage: fused AdamW, or row-sparse updates of the embedding tables.
 
 ``train.sparse_embeddings`` (off by default) gives every embedding table row-sparse gradients
-(:func:`towers.use_sparse_gradients`) and hands the tables to ``torch.optim.SparseAdam``, the
-"lazy" Adam of TensorFlow's ``LazyAdam`` and of TorchRec's row-wise optimisers: only the rows
-a batch touches get their moments and weights updated, so a step costs in proportion to the
-batch, not to the tables. The dense layers (MLPs, gates, a learnable temperature) keep fused
-AdamW. On a row's first update the two agree (up to where Adam's epsilon enters: SparseAdam
-adds it before the bias correction, AdamW after); after that a row the dense optimiser would
-still move by its momentum while no batch touches it stays put (the lazy part).
+(:func:`towers.use_sparse_gradients`) and hands the tables to :class:`RowSparseAdam`, the
+"lazy" Adam of TensorFlow's ``LazyAdam``, of ``torch.optim.SparseAdam`` and of TorchRec's
+row-wise optimisers: only the rows a batch touches get their moments and weights updated, so a
+step costs in proportion to the batch, not to the tables. The dense layers (MLPs, gates, a
+learnable temperature) keep fused AdamW. On a row's first update the two agree (up to where
+Adam's epsilon enters: the lazy update adds it before the bias correction, AdamW after); after
+that a row the dense optimiser would still move by its momentum while no batch touches it
+stays put (the lazy part).
 
-Measured by ``benchmarks/train_step.py`` (benchmarks/README.md): on this CPU the sparse
-backward of the history bag and SparseAdam's coalescing cost more than they save, at
-Gowalla's tables and at 500k x 200k rows alike, so the option stays off by default.
+Measured by ``benchmarks/train_step.py`` (benchmarks/README.md): dense updates are faster at
+Gowalla's tables (every row is touched by most batches); row-sparse ones keep the step nearly
+flat as the tables grow to millions of rows, where a dense update costs a pass over them all.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -37,14 +39,84 @@ def fused_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.opt
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class RowSparseAdam(torch.optim.Optimizer):
+    """Lazy Adam for tables with row-sparse gradients: ``torch.optim.SparseAdam``'s update,
+    computed on the touched rows only.
+
+    For the rows ``r`` of a step's gradient ``g`` (and only them), with the step count ``t``
+    of the table::
+
+        m[r] = b1 m[r] + (1 - b1) g[r]          v[r] = b2 v[r] + (1 - b2) g[r]^2
+        w[r] -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m[r] / (sqrt(v[r]) + eps)
+
+    which is SparseAdam's formula. SparseAdam computes it through sparse-tensor arithmetic
+    (``sparse_mask`` of the moments and dense += sparse adds) that, on this CPU, cost 200 ms a
+    step on 5M x 1M tables of dim 64 (benchmarks/README.md); here it is three row gathers, a
+    few element-wise passes over the (U, D) touched rows and three row scatters. A gradient
+    whose row indices are already sorted and unique (what :mod:`towers.lookup` produces;
+    autograd drops the coalesced flag on the way) is not coalesced again.
+    """
+
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """One lazy Adam update of every table that has a gradient."""
+        for group in self.param_groups:
+            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, g = _touched_rows(p.grad)  # (U,), (U, D)
+                if rows.numel() == 0:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)  # (N, D)
+                    state["exp_avg_sq"] = torch.zeros_like(p)  # (N, D)
+                state["step"] += 1
+                t = state["step"]
+                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)  # (U, D)
+                v = state["exp_avg_sq"].index_select(0, rows)  # (U, D)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                state["exp_avg"][rows] = m
+                state["exp_avg_sq"][rows] = v
+                step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+                w = p.index_select(0, rows).addcdiv_(m, v.sqrt_().add_(eps), value=-step_size)
+                p[rows] = w  # (U, D) the updated rows back in place
+
+
+def _touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices (U,), values (U, D)) of a row-sparse gradient, one entry per row."""
+    if not grad.is_sparse:
+        raise ValueError(
+            "RowSparseAdam needs row-sparse gradients (towers.use_sparse_gradients); got a "
+            f"{grad.layout} gradient of shape {tuple(grad.shape)}"
+        )
+    rows, values = grad._indices()[0], grad._values()  # (U,), (U, D)
+    if not grad.is_coalesced() and rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        grad = grad.coalesce()  # repeated or unsorted rows: sum them once
+        rows, values = grad._indices()[0], grad._values()
+    return rows, values
+
+
 class SplitOptimizer:
-    """SparseAdam over the embedding tables and fused AdamW over the other parameters, driven
-    as one optimiser (``param_groups``, ``zero_grad``, ``step``, ``state_dict``)."""
+    """:class:`RowSparseAdam` over the embedding tables and fused AdamW over the other
+    parameters, driven as one optimiser (``param_groups``, ``zero_grad``, ``step``,
+    ``state_dict``)."""
 
     def __init__(
         self, tables: list[torch.nn.Parameter], dense: list[torch.nn.Parameter], cfg: TrainConfig
     ) -> None:
-        self.sparse = torch.optim.SparseAdam(tables, lr=cfg.lr)
+        self.sparse = RowSparseAdam(tables, lr=cfg.lr)
         self.dense = fused_adamw(dense, cfg) if dense else None
 
     @property
