@@ -192,14 +192,15 @@ class TrainConfig(_Strict):
     # (GPU TF32; CPU AMX/AVX-512 bf16 via oneDNN; plain fp32 where the CPU has neither) with
     # fp32 tensors and accumulation, in training and its validation (not in evaluate)
     matmul_precision: Literal["highest", "high", "medium"] = "medium"
-    # row-sparse table gradients + lazy (row-wise) Adam on the tables (pipeline/training/optim.py)
-    sparse_embeddings: bool = False
+    # row-sparse table gradients + lazy (row-wise) Adam on the tables (pipeline/training/optim.py);
+    # "auto": on when the embedding tables hold more than 64M parameters (and no weight decay)
+    sparse_embeddings: bool | Literal["auto"] = "auto"
     progress: bool = True  # show a progress bar
     warm_start: str | None = None  # previous run dir or bundle: known ids' rows start from it
 
     @model_validator(mode="after")
     def _lr_floor(self) -> TrainConfig:
-        if self.sparse_embeddings and self.weight_decay > 0:
+        if self.sparse_embeddings is True and self.weight_decay > 0:
             raise ValueError(
                 f"train.weight_decay ({self.weight_decay}) needs dense table updates: "
                 "train.sparse_embeddings uses a lazy Adam (RowSparseAdam) without weight decay; "

@@ -43,6 +43,7 @@ from pipeline.training.loop import (
     run_phase,
     validation_set,
 )
+from pipeline.training.optim import uses_sparse_tables
 
 
 def train_stage(
@@ -115,6 +116,7 @@ def _train(
     metrics: dict[str, float] = {
         "best_epoch": float(select_best_epoch),
         "epochs_run": float(len(select_history)),
+        "sparse_tables": float(uses_sparse_tables(st.model, cfg)),  # train.sparse_embeddings
     }
     best_row = select_history[select_best_epoch] if select_best_epoch >= 0 else {}
     metrics.update({f"best_{k}": v for k, v in best_row.items() if k.startswith("valid_r")})

@@ -148,3 +148,24 @@ def test_row_sparse_adam_equals_torchs_sparse_adam_and_skips_untouched_rows(coal
     with pytest.raises(ValueError, match="row-sparse gradients"):
         mine.grad = torch.ones(40, 6)
         opt.step()
+
+
+def test_auto_turns_row_sparse_updates_on_for_large_tables_only() -> None:
+    """``sparse_embeddings: auto`` (the default): dense AdamW for small tables, row-sparse
+    above AUTO_SPARSE_PARAMS table parameters (a shared table counted once), dense again
+    whenever weight decay is asked for; an explicit true/false wins."""
+    from pipeline.training.optim import AUTO_SPARSE_PARAMS, table_parameters, uses_sparse_tables
+
+    small = _model()
+    assert table_parameters(small) == (50 + 80) * 8  # user ids + the shared item table
+    auto = TrainConfig()
+    assert auto.sparse_embeddings == "auto"
+    assert not uses_sparse_tables(small, auto)
+    assert uses_sparse_tables(small, TrainConfig(sparse_embeddings=True))
+    rows = AUTO_SPARSE_PARAMS // 4 + 1
+    big = TwoTower.from_config(TowerConfig(n_users=rows, n_items=10, dim=4))
+    assert table_parameters(big) > AUTO_SPARSE_PARAMS
+    assert uses_sparse_tables(big, auto)
+    assert isinstance(make_optimizer(big, [], auto), SplitOptimizer)
+    assert not uses_sparse_tables(big, TrainConfig(weight_decay=0.01))
+    assert not uses_sparse_tables(big, TrainConfig(sparse_embeddings=False))
