@@ -282,6 +282,14 @@ class EvalConfig(_Strict):
 
     ks: list[PositiveInt] = [10, 20, 50, 100]  # cut-offs of every metric@k
     batch_size: int = Field(1024, ge=1)  # users scored per batch
+    # users scored: "all" with a test event, or a seeded sample (eval.seed) of this many of them
+    users: Literal["all"] | int = "all"
+    bootstrap: int = Field(1000, ge=0)  # resamples of the users for 95% intervals; 0 = none
+    # the exact (brute-force) ranking runs only up to this many items: it costs users x items x
+    # dim multiply-adds (100k users x 1M items x 256 = 2.6e13: ~8 min on 2 cores, 6x the index
+    # search); above it the index figure stands alone (ANN loss: the index stage's tuning
+    # sweep, on sampled queries); None = always
+    exact_max_items: int | None = Field(500_000, ge=1)
     item_knn: bool = True  # run the item-kNN baseline (cosine on train+valid interactions)
     knn_neighbours: int = Field(100, ge=1)  # item-kNN: most similar items kept per item
     als: AlsConfig = AlsConfig()  # ALS baseline, hyper-parameters chosen on validation
@@ -292,6 +300,16 @@ class EvalConfig(_Strict):
     umap: bool = True  # 2-D UMAP map of item embeddings in the report (slow: ~30 s)
     umap_sample: int = Field(5000, ge=10)  # items drawn for the map
     seed: Seed = 0  # seed of the samples above and of UMAP's random_state
+
+    @field_validator("users", mode="before")
+    @classmethod
+    def _users_all_or_count(cls, v: Any) -> Any:
+        # one message for both spellings (a union would report one error per member)
+        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(
+            f"must be 'all' or a number of users >= 1 to sample, got {json.dumps(v, default=str)}"
+        )
 
     @model_validator(mode="after")
     def _ks_positive(self) -> EvalConfig:

@@ -90,8 +90,9 @@ def embedding_health(
     ``uniformity_items`` (NaN where there is nothing to measure).
     """
     rng = np.random.default_rng(seed)
-    users = normalize(user_vecs)
-    items = normalize(item_vecs)
+    # rows are normalised once sampled: no normalised copy of every vector (1 GB at 1M x 256)
+    users = np.asarray(user_vecs)
+    items = np.asarray(item_vecs)
     uid = np.asarray(user_ids, dtype=np.int64)
     iid = np.asarray(item_ids, dtype=np.int64)
     out: dict[str, float | int] = {}
@@ -101,12 +102,16 @@ def embedding_health(
         ok = np.flatnonzero(ok_u & ok_i)
         pick = ok[_sample(ok.size, sample, rng)]
         out[f"alignment_{name}"] = (
-            alignment(users[ru[pick]], items[ri[pick]]) if pick.size else float("nan")
+            alignment(normalize(users[ru[pick]]), normalize(items[ri[pick]]))
+            if pick.size
+            else float("nan")
         )
         out[f"n_pairs_{name}"] = int(pick.size)
     for name, vecs in (("users", users), ("items", items)):
         rows = _sample(vecs.shape[0], sample, rng)
-        out[f"uniformity_{name}"] = uniformity(vecs[rows]) if rows.size >= 2 else float("nan")
+        out[f"uniformity_{name}"] = (
+            uniformity(normalize(vecs[rows])) if rows.size >= 2 else float("nan")
+        )
     return out
 
 

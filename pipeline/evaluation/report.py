@@ -103,6 +103,8 @@ def read_summary(path: Path) -> dict[str, Any]:
     if not isinstance(summary, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
     for key in ("ks", "index", "exact", "n_users", "n_items"):
+        if key == "exact" and "exact_skipped" in summary:  # eval.exact_max_items: no exact
+            continue
         if key not in summary:
             raise ArtifactError(f"{path}: missing key '{key}' (re-run the evaluate stage)")
     for src in (s for s in LABELS if s in summary):
@@ -137,6 +139,38 @@ def _f(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _fci(entry: dict[str, Any], name: str, digits: int = 4) -> str:
+    """``entry[name]`` formatted, with its interval ``entry[name + "_ci"]`` when there is one:
+    "0.1838 [0.1801, 0.1872]"."""
+    cell = _f(entry.get(name), digits)
+    ci = entry.get(f"{name}_ci")
+    if isinstance(ci, list) and len(ci) == 2 and cell != "—":
+        cell += f" [{_f(float(ci[0]), digits)}, {_f(float(ci[1]), digits)}]"
+    return cell
+
+
+def _scored_text(summary: dict[str, Any]) -> list[str]:
+    """Who was scored (all users or a sample), the intervals, and why exact is missing."""
+    users = summary.get("users", {})
+    text = []
+    if users.get("scored") == "sample":
+        text.append(
+            f"Users: a seeded sample (eval.users = {users['sample']:,}, seed {users['seed']}) of "
+            f"the {users['n_with_test']:,} embedded users with a test item; every ranking is "
+            "scored on these same users."
+        )
+    boot = summary.get("bootstrap", {})
+    if boot.get("resamples"):
+        text.append(
+            f"Intervals: {boot['level']:.0%} percentile bootstrap over the users "
+            f"({boot['resamples']:,} resamples, seed {boot['seed']}), shown as "
+            "value [low, high]."
+        )
+    if summary.get("exact_skipped"):
+        text.append(f"**{summary['exact_skipped']}**.")
+    return text
+
+
 def _short(src: str) -> str:
     return _SHORT.get(src, LABELS[src])
 
@@ -162,22 +196,24 @@ def sections(
                 "users embedded); each user's train+valid items are excluded.",
                 f"Index: `{summary.get('factory')}`, metric `{summary.get('metric')}`, nprobe "
                 f"{nprobe if nprobe is not None else 'faiss default'}.",
+                *_scored_text(summary),
             ],
         )
     ]
     has_overlap = all(f"ann_overlap@{k}" in summary for k in ks)
     rows = []
     for k in ks:
-        cells = [_f(summary[s].get(f"recall@{k}")) for s in srcs]
-        cells += [_f(summary[s].get(f"ndcg@{k}")) for s in srcs]
+        cells = [_fci(summary[s], f"recall@{k}") for s in srcs]
+        cells += [_fci(summary[s], f"ndcg@{k}") for s in srcs]
         cells += [_f(summary[f"ann_overlap@{k}"])] if has_overlap else []
         rows.append([str(k), *cells])
     out.append(
         Section(
             "Recall@k and NDCG@k: model vs baselines",
             [
-                "The two-tower model through the index and exact (brute force); baselines on "
-                "the same split and protocol: "
+                "The two-tower model through the index"
+                + (" and exact (brute force)" if "exact" in srcs else " (exact search skipped)")
+                + "; baselines on the same split, protocol and users: "
                 + ", ".join(LABELS[s] for s in srcs if s not in ("index", "exact"))
                 + "."
             ],
@@ -194,7 +230,7 @@ def sections(
         for k in ks:
             if any(f"{m}@{k}" in summary[s] for s in srcs):
                 d = 1 if m == "popularity_bias" else 4
-                rows.append([f"{m}@{k}", *[_f(summary[s].get(f"{m}@{k}"), d) for s in srcs]])
+                rows.append([f"{m}@{k}", *[_fci(summary[s], f"{m}@{k}", d) for s in srcs]])
     out.append(
         Section(
             "Every metric at every k",

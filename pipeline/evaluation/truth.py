@@ -15,14 +15,21 @@ EVENTS_COLUMNS = {k: EVENTS_KINDS[k] for k in ("user_idx", "item_idx", "split")}
 
 
 def read_events(run: RunDir, users: np.ndarray | None = None) -> pl.DataFrame:
-    """EVENTS (user_idx, item_idx as Int64, split), of ``users`` only when given; split checked."""
+    """EVENTS (user_idx, item_idx as Int64, split), of ``users`` only when given; split checked.
+
+    With ``users`` the scan is filtered to them (a predicate the parquet reader applies row
+    group by row group, run by the streaming engine): only their events are ever held, so a
+    sample of users costs memory in proportion to it, not to EVENTS.
+    """
     path = run.path(EVENTS)
     lf = scan_parquet(path, EVENTS_COLUMNS).select(
         pl.col("user_idx").cast(pl.Int64), pl.col("item_idx").cast(pl.Int64), "split"
     )
-    if users is not None:
-        lf = lf.join(pl.LazyFrame({"user_idx": users.astype(np.int64)}), on="user_idx", how="semi")
-    ev = lf.collect()
+    if users is None:
+        ev = lf.collect()
+    else:
+        wanted = pl.Series("user_idx", np.asarray(users, dtype=np.int64))
+        ev = lf.filter(pl.col("user_idx").is_in(wanted.implode())).collect(engine="streaming")
     bad = ev.filter(~pl.col("split").is_in(SPLITS))
     if bad.height:
         raise ArtifactError(

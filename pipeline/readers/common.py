@@ -14,8 +14,11 @@ multi-hot by the features stage). Nulls are allowed in attributes, never in ids.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
+
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)  # a table, or a lazy scan of one
 
 
 class IngestError(ValueError):
@@ -144,8 +147,9 @@ def attribute_table(
     return pl.concat([df, missing], how="diagonal_relaxed")
 
 
-def conform_interactions(df: pl.DataFrame) -> pl.DataFrame:
-    """Select and cast the interaction columns into :data:`INTERACTIONS_SCHEMA` order."""
+def conform_interactions(df: Frame) -> Frame:
+    """Select and cast the interaction columns into :data:`INTERACTIONS_SCHEMA` order (of a
+    table, or lazily of a scan)."""
     return df.select(pl.col(c).cast(t) for c, t in INTERACTIONS_SCHEMA.items())
 
 

@@ -8,21 +8,31 @@ the whole catalogue, in random order at increasing timestamps. A model that lear
 therefore beats global popularity by a wide margin, which makes the data set a check that the
 towers learn anything at all.
 
+:func:`generate_synthetic` builds the tables in memory; :func:`write_synthetic` writes the same
+kind of data set as partitioned parquet in bounded memory (users in blocks, one seeded
+generator per block), for data sets of 10^8 interactions (``python -m
+pipeline.readers.synthetic --help``).
+
 Attributes carry (noisy) signal: users ``region`` (the cluster, 70% of the time) and
 ``age_bucket`` (a cluster-preferred bucket half of the time); items ``category`` (the cluster,
 90% of the time) and ``tags`` (1-3 tags, mostly from the cluster's own three).
-Everything is vectorised numpy driven by one seeded ``numpy.random.Generator``.
+Everything is vectorised numpy driven by seeded generators (``numpy.random.Generator``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from pipeline.core.config import SyntheticConfig
+from pipeline.core.rundir import atomic_path, write_with
 from pipeline.readers.common import conform_interactions
 from pipeline.readers.movielens import AGE_BUCKETS
 
@@ -31,6 +41,8 @@ START_SPREAD = 180 * 86_400  # users' first interactions spread over this many s
 MEAN_GAP = 6 * 3_600  # mean seconds between a user's consecutive interactions
 ROUNDS = 4  # cheap redraw rounds before short users get an exact draw
 TAGS_PER_CLUSTER = 3  # tags owned by each cluster
+USERS_PER_PART = 200_000  # write_synthetic: users per part file (4M rows at 20 per user)
+PART_NAME = "part-{:05d}.parquet"  # write_synthetic: name of the b-th interactions part
 
 
 @dataclass
@@ -45,10 +57,11 @@ class SyntheticData:
     item_popularity: np.ndarray  # (n_items,) unnormalised Zipf weight of each item
 
 
-def _ids(prefix: str, n: int) -> pl.Series:
-    """``prefix`` + zero-padded 1-based index: "u0001", "u0002", ..."""
+def _ids(prefix: str, n: int, lo: int = 0, hi: int | None = None) -> pl.Series:
+    """``prefix`` + zero-padded 1-based index: "u0001", "u0002", ... of things ``lo:hi`` of
+    ``n`` (the width depends on ``n`` only, so a block's ids equal the whole set's slice)."""
     width = max(4, len(str(n)))
-    number = pl.int_range(1, n + 1).cast(pl.String).str.zfill(width)
+    number = pl.int_range(lo + 1, (n if hi is None else hi) + 1).cast(pl.String).str.zfill(width)
     return pl.select(pl.concat_str(pl.lit(prefix), number)).to_series()
 
 
@@ -152,11 +165,22 @@ def _sample_unique(
     return np.concatenate(accepted) if accepted else np.empty(0, dtype=np.int64)
 
 
-def generate_synthetic(cfg: SyntheticConfig) -> SyntheticData:
-    """Generate the planted-cluster data set described in the module docstring."""
-    rng = np.random.default_rng(cfg.seed)
-    n_users, n_items, k = cfg.n_users, cfg.n_items, cfg.n_clusters
-    user_cluster = _balanced(rng, n_users, k)
+@dataclass
+class _Catalogue:
+    """The item side, built once and shared by every block of users."""
+
+    item_cluster: np.ndarray  # (n_items,) cluster of each item
+    popularity: np.ndarray  # (n_items,) unnormalised Zipf weight of each item
+    by_cluster: np.ndarray  # (n_items,) item ids grouped by cluster
+    cdf: np.ndarray  # (n_items,) in-cluster CDFs, cluster c's items occupying (c, c + 1]
+    global_cdf: np.ndarray  # (n_items,) CDF of popularity over the whole catalogue
+    cluster_size: np.ndarray  # (k,) items per cluster
+    members: list[np.ndarray]  # k arrays: the item ids of each cluster
+
+
+def _catalogue(rng: np.random.Generator, cfg: SyntheticConfig) -> _Catalogue:
+    """Item clusters, Zipf popularity (ranks shuffled within a cluster) and both samplers' CDFs."""
+    n_items, k = cfg.n_items, cfg.n_clusters
     item_cluster = _balanced(rng, n_items, k)
     popularity = _rank_within(item_cluster, rng).astype(np.float64) ** -cfg.popularity_exponent
 
@@ -172,28 +196,42 @@ def generate_synthetic(cfg: SyntheticConfig) -> SyntheticData:
     cdf[np.r_[cluster_start[1:] - 1, n_items - 1]] = 1.0  # exact cluster ends
     cdf += sorted_cluster
 
-    def draw_in_cluster(owners: np.ndarray) -> np.ndarray:
-        u = user_cluster[owners] + rng.random(owners.size)  # (n,) in [c, c + 1)
-        pos = np.minimum(np.searchsorted(cdf, u, side="right"), n_items - 1)
-        return by_cluster[pos]
-
     global_cdf = np.cumsum(popularity / popularity.sum())
     global_cdf[-1] = 1.0
+    members = [by_cluster[cluster_start[c] : cluster_start[c] + cluster_size[c]] for c in range(k)]
+    return _Catalogue(item_cluster, popularity, by_cluster, cdf, global_cdf, cluster_size, members)
+
+
+def _draw_users(
+    rng: np.random.Generator, cat: _Catalogue, user_cluster: np.ndarray, cfg: SyntheticConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, timestamp) of every interaction of a block of users, sorted by user.
+
+    ``user_cluster`` (n_block,) holds the block's clusters; ``user`` is the 0-based position in
+    the block. Each user takes a geometric number of distinct items, in random order at
+    strictly increasing timestamps. Memory grows with the block, not with the whole data set.
+    """
+    n_users, n_items = user_cluster.size, cat.popularity.size
+
+    def draw_in_cluster(owners: np.ndarray) -> np.ndarray:
+        u = user_cluster[owners] + rng.random(owners.size)  # (n,) in [c, c + 1)
+        pos = np.minimum(np.searchsorted(cat.cdf, u, side="right"), n_items - 1)
+        return cat.by_cluster[pos]
 
     def draw_global(owners: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(global_cdf, rng.random(owners.size), side="right")
+        pos = np.searchsorted(cat.global_cdf, rng.random(owners.size), side="right")
         return np.minimum(pos, n_items - 1)
 
     n_total = np.minimum(rng.geometric(1.0 / cfg.mean_interactions, size=n_users), n_items)
-    n_in = np.minimum(rng.binomial(n_total, cfg.in_cluster), cluster_size[user_cluster])
+    n_in = np.minimum(rng.binomial(n_total, cfg.in_cluster), cat.cluster_size[user_cluster])
     n_out = n_total - n_in
-    members = [by_cluster[cluster_start[c] : cluster_start[c] + cluster_size[c]] for c in range(k)]
+    no_keys = np.empty(0, np.int64)
     keys_in = _sample_unique(
-        rng, n_in, draw_in_cluster, members, user_cluster, popularity, np.empty(0, np.int64)
+        rng, n_in, draw_in_cluster, cat.members, user_cluster, cat.popularity, no_keys
     )
     everyone = [np.arange(n_items)]
     no_group = np.zeros(n_users, dtype=np.int64)
-    keys_out = _sample_unique(rng, n_out, draw_global, everyone, no_group, popularity, keys_in)
+    keys_out = _sample_unique(rng, n_out, draw_global, everyone, no_group, cat.popularity, keys_in)
     keys = np.concatenate([keys_in, keys_out])
 
     # Random order within each user, then strictly increasing timestamps.
@@ -206,41 +244,163 @@ def generate_synthetic(cfg: SyntheticConfig) -> SyntheticData:
     start = np.searchsorted(user, user, side="left")
     elapsed -= (elapsed - gaps)[start]  # cumulative gaps within the user
     base = START_TIME + rng.integers(0, START_SPREAD, size=n_users)
-    timestamp = base[user] + elapsed
+    return user, item, base[user] + elapsed
 
-    user_ids = _ids("u", n_users)
-    item_ids = _ids("i", n_items)
-    interactions = conform_interactions(
+
+def _interactions(
+    user_ids: pl.Series, item_ids: pl.Series, draws: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> pl.DataFrame:
+    """The interactions table of :func:`_draw_users`' output (``user`` indexes ``user_ids``)."""
+    user, item, timestamp = draws
+    return conform_interactions(
         pl.DataFrame(
             {
                 "user": user_ids.gather(user),
                 "item": item_ids.gather(item),
                 "timestamp": timestamp,
-                "weight": np.ones(keys.size, dtype=np.float32),
+                "weight": np.ones(user.size, dtype=np.float32),
             }
         ).with_columns(split=pl.lit(None, dtype=pl.String))
     )
-    users = pl.DataFrame(
+
+
+def _users_table(
+    rng: np.random.Generator, user_ids: pl.Series, user_cluster: np.ndarray, k: int
+) -> pl.DataFrame:
+    """``user``, ``region``, ``age_bucket`` of users whose clusters are ``user_cluster``."""
+    return pl.DataFrame(
         {
             "user": user_ids,
             "region": _noisy_labels(rng, user_cluster, k, 0.7, "region_"),
             "age_bucket": _age_buckets(rng, user_cluster),
         }
     )
-    items = pl.DataFrame(
+
+
+def _items_table(
+    rng: np.random.Generator, item_ids: pl.Series, item_cluster: np.ndarray, k: int
+) -> pl.DataFrame:
+    """``item``, ``category``, ``tags`` of items whose clusters are ``item_cluster``."""
+    return pl.DataFrame(
         {
             "item": item_ids,
             "category": _noisy_labels(rng, item_cluster, k, 0.9, "cat_"),
             "tags": _tags(rng, item_cluster, k),
         }
     )
-    return SyntheticData(interactions, users, items, user_cluster, item_cluster, popularity)
+
+
+def generate_synthetic(cfg: SyntheticConfig) -> SyntheticData:
+    """Generate the planted-cluster data set described in the module docstring, in memory."""
+    rng = np.random.default_rng(cfg.seed)
+    k = cfg.n_clusters
+    user_cluster = _balanced(rng, cfg.n_users, k)
+    cat = _catalogue(rng, cfg)
+    draws = _draw_users(rng, cat, user_cluster, cfg)
+    user_ids, item_ids = _ids("u", cfg.n_users), _ids("i", cfg.n_items)
+    interactions = _interactions(user_ids, item_ids, draws)
+    users = _users_table(rng, user_ids, user_cluster, k)
+    items = _items_table(rng, item_ids, cat.item_cluster, k)
+    return SyntheticData(interactions, users, items, user_cluster, cat.item_cluster, cat.popularity)
 
 
 def read_synthetic(cfg: SyntheticConfig) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """(interactions, users, items) of :func:`generate_synthetic`, like the other readers."""
     data = generate_synthetic(cfg)
     return data.interactions, data.users, data.items
+
+
+def _planted(cfg: SyntheticConfig) -> tuple[np.random.Generator, np.ndarray, _Catalogue]:
+    """:func:`write_synthetic`'s generator after drawing the user clusters and the item side."""
+    rng = np.random.default_rng(cfg.seed)
+    user_cluster = _balanced(rng, cfg.n_users, cfg.n_clusters)  # (n_users,)
+    return rng, user_cluster, _catalogue(rng, cfg)
+
+
+def planted_truth(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user_cluster, item_cluster, item_popularity) of :func:`write_synthetic`'s data set,
+    indexed by 0-based user/item number (for tests and oracle baselines, as SyntheticData)."""
+    _, user_cluster, cat = _planted(cfg)
+    return user_cluster, cat.item_cluster, cat.popularity
+
+
+def write_synthetic(
+    cfg: SyntheticConfig, out_dir: Path, users_per_part: int = USERS_PER_PART
+) -> dict[str, int]:
+    """Write the data set of the module docstring as partitioned parquet, in bounded memory.
+
+    Layout: ``out_dir/interactions/part-00000.parquet``, ... (part b holds users
+    ``b * users_per_part`` up to the next part's first: a user never spans two parts; rows are
+    grouped by user, each user's in time order), ``out_dir/users.parquet`` (every user, in id
+    order) and ``out_dir/items.parquet`` (every item). The item side (clusters, popularity,
+    samplers), every user's cluster and the items table come from ``default_rng(seed)``; block
+    b's interactions and user attributes from ``default_rng([seed, b])``: the distributions are
+    :func:`generate_synthetic`'s, the draws are not (it uses one stream). Memory holds the
+    item side, one int per user and one block; each file is written to a temporary name and
+    renamed, and parts left over from an earlier, larger run are removed.
+    Returns the counts: interactions, users, items, parts.
+    """
+    if cfg.n_clusters > cfg.n_items:
+        raise ValueError(
+            f"n_clusters ({cfg.n_clusters}) must not exceed n_items ({cfg.n_items}): "
+            "every cluster needs an item"
+        )
+    if users_per_part < 1:
+        raise ValueError(f"users_per_part must be at least 1, got {users_per_part}")
+    out_dir, k = Path(out_dir), cfg.n_clusters
+    rng, user_cluster, cat = _planted(cfg)
+    item_ids = _ids("i", cfg.n_items)
+    items = _items_table(rng, item_ids, cat.item_cluster, k)
+    write_with(out_dir / "items.parquet", items.write_parquet)
+    parts = out_dir / "interactions"
+    n_parts = -(-cfg.n_users // users_per_part)
+    n_rows = 0
+    with atomic_path(out_dir / "users.parquet") as users_tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for b in range(n_parts):
+                lo, hi = b * users_per_part, min((b + 1) * users_per_part, cfg.n_users)
+                block_rng = np.random.default_rng([cfg.seed, b])
+                draws = _draw_users(block_rng, cat, user_cluster[lo:hi], cfg)
+                user_ids = _ids("u", cfg.n_users, lo, hi)
+                part = _interactions(user_ids, item_ids, draws)
+                write_with(parts / PART_NAME.format(b), part.write_parquet)
+                n_rows += part.height
+                users = _users_table(block_rng, user_ids, user_cluster[lo:hi], k).to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(users_tmp, users.schema)
+                writer.write_table(users.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+    written = {PART_NAME.format(b) for b in range(n_parts)}
+    for stale in parts.glob("part-*.parquet"):
+        if stale.name not in written:
+            stale.unlink()
+    return {"interactions": n_rows, "users": cfg.n_users, "items": cfg.n_items, "parts": n_parts}
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    """Command line of :func:`write_synthetic`; prints the counts as one JSON line."""
+    parser = argparse.ArgumentParser(description="Write the synthetic data set as parquet parts.")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--users", type=int, required=True, help="number of users")
+    parser.add_argument("--items", type=int, required=True, help="number of items")
+    parser.add_argument("--mean-interactions", type=float, default=20.0, help="per user")
+    parser.add_argument("--clusters", type=int, default=10, help="taste clusters")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--users-per-part", type=int, default=USERS_PER_PART)
+    args = parser.parse_args(argv)
+    cfg = SyntheticConfig(
+        n_users=args.users,
+        n_items=args.items,
+        n_clusters=args.clusters,
+        mean_interactions=args.mean_interactions,
+        seed=args.seed,
+    )
+    counts = write_synthetic(cfg, args.out, args.users_per_part)
+    print(json.dumps(counts))
+    return counts
 
 
 def _noisy_labels(
@@ -275,3 +435,7 @@ def _tags(rng: np.random.Generator, cluster: np.ndarray, k: int) -> pl.Series:
         pl.col("tag").unique(maintain_order=True)
     )
     return lists.get_column("tag")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,9 @@ loop per user:
   approximate top-k;
 * :func:`sorted_catalogue` — the catalogue sorted by item id (the tie-break order).
 
+Memory: a batch never scores more than :data:`MAX_SCORES` (user, item) pairs or fetches more
+than :data:`MAX_FETCH` ranked results, so no (users, items) matrix is ever built.
+
 Ties are broken deterministically by **lower item id first** in :func:`topk_exact` and
 :func:`topk_scored`; :func:`topk_index` keeps the index's order. Item id -1 in a top-k matrix
 means "no result" (fewer candidates than k).
@@ -39,6 +42,15 @@ __all__ = [
     "topk_ranked",
     "topk_scored",
 ]
+
+# Memory bounds of one batch, whatever eval.batch_size says: a batch's (B, N) score matrix holds
+# at most MAX_SCORES floats (256 MB; at 1M items a batch is 64 users; below 64k items a batch
+# of 1024 users is never cut), and a ranked search (index, popularity) asks for at most
+# MAX_FETCH results per call (B x (k + exclusions): 24 MB of ids and scores, ~400 MB for the
+# 16x longer candidate lists of a refine index; 4096-query batches are cut only for users
+# with over ~150 exclusions at k = 100).
+MAX_SCORES = 1 << 26
+MAX_FETCH = 1 << 21
 
 
 # -- per-user item sets ---------------------------------------------------------------------
@@ -289,6 +301,7 @@ def _masked_topk(
     out = np.full((n_users, k), -1, dtype=np.int64)
     if sorted_ids.size == 0 or n_users == 0:
         return out
+    batch_size = min(batch_size, max(1, MAX_SCORES // sorted_ids.size))  # B x N <= MAX_SCORES
     buf = torch.empty((min(batch_size, n_users), sorted_ids.size))  # (B, N), reused
     with torch.inference_mode():
         for start in range(0, n_users, batch_size):
@@ -404,6 +417,8 @@ def topk_ranked(
     ``rows`` among ``ntotal`` candidates. Users are batched by exclusion count: each batch asks
     for ``k + (largest exclusion count in the batch)`` results (at most ``ntotal``), drops the
     excluded ids and keeps the first k (as :func:`topk_index` does through a FAISS index).
+    A batch holds at most ``batch_size`` users and asks for at most :data:`MAX_FETCH` results
+    in all (heavy users get smaller batches), so memory is bounded whatever the exclusions.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -420,7 +435,8 @@ def topk_ranked(
         # a batch ends at batch_size users, or before a user needing over twice the first's
         # fetch, so one heavy user never makes a whole batch over-fetch a lot
         stop = int(np.searchsorted(fetch, 2 * fetch[start], side="right"))
-        stop = max(start + 1, min(stop, start + batch_size))
+        rows_cap = MAX_FETCH // int(min(2 * fetch[start], ntotal))  # B x m <= MAX_FETCH
+        stop = max(start + 1, min(stop, start + batch_size, start + rows_cap))
         rows = order[start:stop]
         m = int(min(fetch[stop - 1], ntotal))
         found = np.asarray(search(rows, m), dtype=np.int64)  # (B, m), -1 = none

@@ -15,9 +15,19 @@ Six rankings side by side on the same users and split:
 
 Each gets recall, NDCG, MRR, hit rate, precision, catalogue coverage and popularity bias
 (mean ``pop_train`` of what it recommends) at every k; recall and NDCG keep their keys and
-values of before. Beside them: breakdowns by user activity and test-item popularity
-(:mod:`pipeline.evaluation.breakdown`) and embedding health
-(:mod:`pipeline.evaluation.embedding_health`).
+values of before. Every per-user mean (recall, NDCG, MRR, hit rate, precision) gets a 95%
+percentile-bootstrap interval over the users beside it (``"recall@20_ci": [lo, hi]``;
+``eval.bootstrap`` resamples, :mod:`pipeline.evaluation.bootstrap`). Beside them: breakdowns
+by user activity and test-item popularity (:mod:`pipeline.evaluation.breakdown`) and
+embedding health (:mod:`pipeline.evaluation.embedding_health`).
+
+At scale (:mod:`pipeline.evaluation.users`): ``eval.users: N`` scores a seeded sample of N of
+the users with a test event, every ranking on the same users, reading only their events and
+vectors (lazy scans filtered to them); the baselines that fit on every user's interactions
+(item-kNN, ALS, EASE) still read all events when enabled. Above ``eval.exact_max_items``
+items the exact ranking is skipped (users x items x dim multiply-adds) and the summary says
+why (``exact_skipped``); the index is searched in big batches of bounded memory
+(:func:`pipeline.retrieval.topk.topk_index`).
 
 Writes EVAL_SUMMARY (JSON), then the report (:mod:`pipeline.evaluation.report`: EVAL_REPORT
 markdown, EVAL_HTML and its PNG plots). The array-level work lives in
@@ -56,6 +66,7 @@ from pipeline.evaluation.baselines import (
     item_similarity,
     popularity_topk,
 )
+from pipeline.evaluation.bootstrap import bootstrap_ci
 from pipeline.evaluation.breakdown import (
     activity_buckets,
     breakdown,
@@ -66,9 +77,15 @@ from pipeline.evaluation.breakdown import (
 )
 from pipeline.evaluation.ease import ease_baseline
 from pipeline.evaluation.embedding_health import embedding_health
-from pipeline.evaluation.metrics import coverage, popularity_bias, ranking_metrics
+from pipeline.evaluation.metrics import coverage, per_user_ranking_metrics, popularity_bias
 from pipeline.evaluation.report import flat_metrics, write_report
 from pipeline.evaluation.truth import read_events, user_sets
+from pipeline.evaluation.users import (
+    embedded_user_ids,
+    read_user_vectors,
+    sample_users,
+    users_with_test,
+)
 from pipeline.retrieval.embeddings import read_embed_meta, read_item_embeddings, read_vectors
 from pipeline.retrieval.index import check_metric, load_index, metric_name, set_search_params
 from pipeline.retrieval.topk import UserItems, ann_recall, topk_exact, topk_index
@@ -77,20 +94,39 @@ __all__ = ["SOURCES", "evaluate_stage"]
 
 # the rankings, model first
 SOURCES = ("index", "exact", "item_knn", "popularity", "als", "ease")
+LEVEL = 0.95  # coverage of the bootstrap intervals
 
 
 def _list_metrics(
+    per_user: dict[str, np.ndarray],
     top: np.ndarray,
-    truth: UserItems,
     item_ids: np.ndarray,
     pop_train: np.ndarray,
     ks: list[int],
 ) -> dict[str, float]:
-    """Every metric of one ranking: accuracy against ``truth`` and properties of the lists."""
-    out = ranking_metrics(top, truth, ks)
+    """Every metric of one ranking: the means of its ``per_user`` accuracy metrics (as
+    :func:`pipeline.evaluation.metrics.ranking_metrics` computes them) and properties of the
+    lists."""
+    out = {name: float(np.nanmean(v)) for name, v in per_user.items()}
     out.update(coverage(top, int(item_ids.size), ks))
     out.update(popularity_bias(top, item_ids, pop_train, ks))
     return out
+
+
+def _add_intervals(
+    summary: dict[str, Any], per_user: dict[str, dict[str, np.ndarray]], resamples: int, seed: int
+) -> None:
+    """``"{metric}_ci": [lo, hi]`` beside every per-user mean of every ranking in ``summary``.
+
+    One bootstrap over all of them (the same user draws for every ranking: paired intervals).
+    """
+    names = [(src, name) for src, metrics in per_user.items() for name in metrics]
+    if not names or resamples < 1:
+        return
+    values = np.stack([per_user[src][name] for src, name in names], axis=1)  # (U, M)
+    ci = bootstrap_ci(values, resamples, seed, LEVEL)  # (M, 2)
+    for (src, name), (lo, hi) in zip(names, ci.tolist(), strict=True):
+        summary[src][f"{name}_ci"] = [lo, hi]
 
 
 def _activity(seen: pl.DataFrame, users: np.ndarray) -> np.ndarray:
@@ -104,6 +140,43 @@ def _activity(seen: pl.DataFrame, users: np.ndarray) -> np.ndarray:
         return np.zeros(users.size, np.int64)
     pos = np.minimum(np.searchsorted(uid, users), uid.size - 1)
     return np.where(uid[pos] == users, n[pos], 0)
+
+
+def _read_users(
+    cfg: EvalConfig, run: RunDir, dim: int
+) -> tuple[np.ndarray, np.ndarray, pl.DataFrame, pl.DataFrame | None, dict[str, Any]]:
+    """The users to score, their vectors and events, EVENTS whole when something needs it.
+
+    Returns (user ids (U,), vectors (U, D), their events, every event or None, the summary's
+    ``users`` entry). ``eval.users: all``: every embedded user and every event, read as the
+    stage always did. ``eval.users: N``: a seeded sample (``eval.seed``) of N embedded users
+    with a test event, only their vectors and events read (lazy scans filtered to them); every
+    event only when a baseline fitting on all interactions (item-kNN, ALS, EASE) is enabled.
+    """
+    path = run.path(USER_EMBEDDINGS)
+    if cfg.users == "all":
+        ids, vecs = read_vectors(path, "user_idx", dim)
+        if ids.size and np.unique(ids).size != ids.size:
+            raise ArtifactError(f"{path}: column 'user_idx' has duplicates")
+        events = read_events(run)
+        return ids, vecs, events, events, {"scored": "all", "n_embedded": int(ids.size)}
+    embedded = embedded_user_ids(path)
+    needs_all = cfg.item_knn or cfg.als.enabled or cfg.ease.enabled
+    all_events = read_events(run) if needs_all else None
+    candidates = np.intersect1d(embedded, users_with_test(run))  # sorted
+    ids, vecs = read_user_vectors(path, sample_users(candidates, int(cfg.users), cfg.seed), dim)
+    if all_events is None:
+        events = read_events(run, ids)
+    else:
+        events = all_events.join(pl.DataFrame({"user_idx": ids}), on="user_idx", how="semi")
+    info = {
+        "scored": "sample",
+        "sample": int(cfg.users),
+        "seed": cfg.seed,
+        "n_embedded": int(embedded.size),
+        "n_with_test": int(candidates.size),
+    }
+    return ids, vecs, events, all_events, info
 
 
 def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> StageRecord:
@@ -122,9 +195,7 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
         if key not in feature_meta:
             raise ArtifactError(f"{run.path(FEATURE_META)}: missing key '{key}'")
     item_ids, item_vecs, _ = read_item_embeddings(run)
-    user_ids, user_vecs = read_vectors(run.path(USER_EMBEDDINGS), "user_idx", int(meta["dim"]))
-    if user_ids.size and np.unique(user_ids).size != user_ids.size:
-        raise ArtifactError(f"{run.path(USER_EMBEDDINGS)}: column 'user_idx' has duplicates")
+    user_ids, user_vecs, events, all_events, population = _read_users(cfg, run, int(meta["dim"]))
     index = load_index(run.path(INDEX), meta=index_meta)  # tuned nprobe / efSearch, GPU options
     index_metric = metric_name(index)
     check_metric(bool(meta["normalized"]), meta["metric"], index_metric)
@@ -140,7 +211,6 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
         )
     set_search_params(index, nprobe)
 
-    events = read_events(run)
     truth, exclude = user_sets(run, user_ids, events)
     has_test = truth.counts() > 0
     if not has_test.any():
@@ -159,17 +229,30 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
     t0 = time.perf_counter()
     tops["index"] = topk_index(index, query_vecs, exclude, kmax, max(cfg.batch_size, 4096))
     seconds["index"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tops["exact"] = topk_exact(
-        query_vecs, item_vecs, item_ids, exclude, kmax, cfg.batch_size, meta["metric"]
-    )
-    seconds["exact"] = time.perf_counter() - t0
-    n_users = max(int(feature_meta["n_users"]), int(events["user_idx"].max()) + 1)
-    n_items = max(int(feature_meta["n_items"]), int(events["item_idx"].max()) + 1)
-    if cfg.item_knn:
+    exact_skipped = None
+    if cfg.exact_max_items is None or item_ids.size <= cfg.exact_max_items:
         t0 = time.perf_counter()
+        tops["exact"] = topk_exact(
+            query_vecs, item_vecs, item_ids, exclude, kmax, cfg.batch_size, meta["metric"]
+        )
+        seconds["exact"] = time.perf_counter() - t0
+    else:
+        exact_skipped = (
+            f"exact ranking skipped: {item_ids.size:,} items > eval.exact_max_items "
+            f"({cfg.exact_max_items:,}); brute force would cost {rows.size:,} users x "
+            f"{item_ids.size:,} items x {item_vecs.shape[1]} dims multiply-adds, so the index "
+            "figure stands alone (its ANN loss against exact search: the index stage's tuning "
+            "sweep, on sampled queries)"
+        )
+    n_users, n_items = 0, 0  # the id ranges the baselines fitting on all events need
+    if all_events is not None:
+        n_users = max(int(feature_meta["n_users"]), int(all_events["user_idx"].max()) + 1)
+        n_items = max(int(feature_meta["n_items"]), int(all_events["item_idx"].max()) + 1)
+    if cfg.item_knn and all_events is not None:
+        t0 = time.perf_counter()
+        seen_all = all_events.filter(pl.col("split") != "test")
         x = interaction_matrix(
-            seen["user_idx"].to_numpy(), seen["item_idx"].to_numpy(), n_users, n_items
+            seen_all["user_idx"].to_numpy(), seen_all["item_idx"].to_numpy(), n_users, n_items
         )
         sim = item_similarity(x, cfg.knn_neighbours, block=min(cfg.batch_size, 1024))
         tops["item_knn"] = item_knn_topk(x[users], sim, item_ids, exclude, kmax, cfg.batch_size)
@@ -177,15 +260,23 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
     t0 = time.perf_counter()
     tops["popularity"] = popularity_topk(pop_all, item_ids, exclude, kmax, cfg.batch_size)
     seconds["popularity"] = time.perf_counter() - t0
-    tuned = _tuned_baselines(cfg, events, n_users, n_items, users, item_ids, exclude, tops, seconds)
+    tuned = (
+        _tuned_baselines(cfg, all_events, n_users, n_items, users, item_ids, exclude, tops, seconds)
+        if all_events is not None
+        else {}
+    )
 
-    # -- metrics, breakdowns, embedding health
+    # -- metrics with their intervals, breakdowns, embedding health
     t0 = time.perf_counter()
+    per_user = {src: per_user_ranking_metrics(top, truth, ks) for src, top in tops.items()}
     summary: dict[str, Any] = {
-        src: _list_metrics(top, truth, item_ids, pop_train, ks) for src, top in tops.items()
+        src: _list_metrics(per_user[src], top, item_ids, pop_train, ks) for src, top in tops.items()
     }
-    for k in ks:
-        summary[f"ann_overlap@{k}"] = ann_recall(tops["index"], tops["exact"], k)
+    _add_intervals(summary, per_user, cfg.bootstrap, cfg.seed)
+    del per_user
+    if "exact" in tops:
+        for k in ks:
+            summary[f"ann_overlap@{k}"] = ann_recall(tops["index"], tops["exact"], k)
     user_codes, cuts = activity_buckets(_activity(seen, users), cfg.activity_cuts)
     thresholds = popularity_thresholds(pop_train, cfg.popularity_shares)
     truth_codes = item_buckets_of(
@@ -212,7 +303,10 @@ def evaluate_stage(cfg: EvalConfig, run: RunDir, nprobe: int | None = None) -> S
     summary.update(
         {
             "n_users": int(rows.size),
-            "n_users_embedded": int(user_ids.size),
+            "n_users_embedded": int(population["n_embedded"]),
+            "users": {"n_with_test": int(rows.size), **population},  # who was scored
+            "bootstrap": {"resamples": cfg.bootstrap, "level": LEVEL, "seed": cfg.seed},
+            **({"exact_skipped": exact_skipped} if exact_skipped else {}),
             "n_items": int(item_ids.size),
             "n_items_vocab": int(feature_meta["n_items"]),
             "n_test_unknown": int((truth.indices == 0).sum()),

@@ -69,3 +69,26 @@ def test_sections_hash_changes_only_with_its_sections() -> None:
     assert sections_hash(a, ["features", "train"]) != sections_hash(b, ["features", "train"])
     moved = load_config(None, ["data.until=2024-01-02T00:00:00"])  # a moved until re-runs ingest
     assert sections_hash(a, ["data"]) != sections_hash(moved, ["data"])
+
+
+def test_eval_users_bootstrap_and_exact_max_items(tmp_path: Path) -> None:
+    cfg = load_config(None, ["eval.users=100000", "eval.bootstrap=0", "eval.exact_max_items=null"])
+    assert (cfg.eval.users, cfg.eval.bootstrap, cfg.eval.exact_max_items) == (100000, 0, None)
+    default = Config().eval
+    assert (default.users, default.bootstrap, default.exact_max_items) == ("all", 1000, 500_000)
+    for text, fragments in {
+        "users: 0": ("'eval.users'", "'all' or a number of users >= 1", "got 0"),
+        "users: some": ("'eval.users'", 'got "some"'),
+        "users: true": ("'eval.users'", "got true"),
+        "users: 2.5": ("'eval.users'", "got 2.5"),
+        "bootstrap: -1": ("'eval.bootstrap'", "-1"),
+        "exact_max_items: 0": ("'eval.exact_max_items'", "0"),
+    }.items():
+        p = tmp_path / "bad.yaml"
+        p.write_text(f"eval:\n  {text}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(p)
+        message = str(info.value)
+        assert message.count("invalid value") == 1 and str(p) in message, message
+        for fragment in fragments:
+            assert fragment in message, (text, message)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.core.config import EvalConfig, IndexConfig
+from pipeline.core.config import AlsConfig, EaseConfig, EvalConfig, IndexConfig
 from pipeline.core.rundir import (
     EMBED_META,
     EVAL_REPORT,
@@ -26,6 +27,9 @@ from pipeline.core.rundir import (
     write_json,
     write_parquet,
 )
+from pipeline.evaluation.report import LABELS
+from pipeline.evaluation.users import sample_users
+from pipeline.stages import evaluate as evaluate_module
 from pipeline.stages.evaluate import evaluate_stage
 from pipeline.stages.index import build_index_stage
 
@@ -167,7 +171,14 @@ def mean_of(per_user: dict[int, dict[str, float]], users=None) -> dict[str, floa
 
 
 ALL_METRICS = ("recall", "ndcg", "mrr", "hit_rate", "precision", "coverage", "popularity_bias")
+PER_USER = ALL_METRICS[:5]  # per-user means: each has a bootstrap interval ("recall@5_ci")
 SOURCES = ("index", "exact", "item_knn", "popularity")
+KEYS = {f"{m}@{k}" for k in KS for m in ALL_METRICS} | {f"{m}@{k}_ci" for k in KS for m in PER_USER}
+
+
+def figures(entry: dict) -> dict:
+    """A ranking's per-user means (no intervals, coverage or popularity bias)."""
+    return {k: v for k, v in entry.items() if not k.startswith(("cov", "pop")) and "_ci" not in k}
 
 
 def test_evaluate_stage_end_to_end(tmp_path):
@@ -179,10 +190,13 @@ def test_evaluate_stage_end_to_end(tmp_path):
     summary = read_json(run.path(EVAL_SUMMARY))
     for key in (*SOURCES, "n_users", "n_items", "seconds", "factory", "breakdown", "health"):
         assert key in summary
-    for src in SOURCES:
-        assert set(summary[src]) == {f"{m}@{k}" for k in KS for m in ALL_METRICS}
-    for src in ("als", "ease"):  # the tuned baselines (tests/evaluation/test_als.py, _ease.py)
-        assert set(summary[src]) == {f"{m}@{k}" for k in KS for m in ALL_METRICS}
+    for src in (*SOURCES, "als", "ease"):  # als, ease: tests/evaluation/test_als.py, _ease.py
+        assert set(summary[src]) == KEYS
+        for name in (f"{m}@{k}" for k in KS for m in PER_USER):  # 95% bootstrap intervals
+            lo, hi = summary[src][f"{name}_ci"]
+            assert lo <= summary[src][name] <= hi
+    assert summary["users"] == {"scored": "all", "n_embedded": 14, "n_with_test": 12}
+    assert summary["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0}
     assert set(summary["seconds"]) == {*SOURCES, "als", "ease", "metrics", "health"}
     assert summary["n_users"] == 12  # 14 embedded, users 2 and 5 have no test item
     assert summary["n_users_embedded"] == 14
@@ -196,8 +210,7 @@ def test_evaluate_stage_end_to_end(tmp_path):
     per_user = {src: reference(run, src) for src in ("exact", "popularity", "item_knn")}
     per_user["index"] = per_user["exact"]
     for src in SOURCES:
-        got = {k: v for k, v in summary[src].items() if not k.startswith(("cov", "pop"))}
-        assert got == pytest.approx(mean_of(per_user[src]), abs=1e-9), src
+        assert figures(summary[src]) == pytest.approx(mean_of(per_user[src]), abs=1e-9), src
 
     # list properties, from the top-k lists written out by hand
     pop_train = dict(
@@ -263,6 +276,9 @@ def test_evaluate_stage_end_to_end(tmp_path):
     report = run.path(EVAL_REPORT).read_text()
     assert "`Flat`" in report and "| 10 |" in report and "popularity" in report
     assert f"{summary['item_knn']['recall@10']:.4f}" in report
+    lo, hi = summary["exact"]["ndcg@5_ci"]  # the figure and its interval, side by side
+    assert f"{summary['exact']['ndcg@5']:.4f} [{lo:.4f}, {hi:.4f}]" in report
+    assert "95% percentile bootstrap over the users (1,000 resamples, seed 0)" in report
 
 
 def test_evaluate_stage_without_item_knn(tmp_path):
@@ -281,7 +297,9 @@ def test_evaluate_stage_ivf_with_all_lists_probed_is_exact(tmp_path):
     summary_rec = evaluate_stage(EvalConfig(ks=KS, umap=False), run, nprobe=4)
     summary = read_json(run.path(EVAL_SUMMARY))
     assert summary["nprobe"] == 4
-    assert summary["index"] == pytest.approx(summary["exact"], abs=1e-12)
+    assert summary["index"].keys() == summary["exact"].keys()
+    for name, value in summary["index"].items():  # intervals too: the same per-user values
+        assert value == pytest.approx(summary["exact"][name], abs=1e-12), name
     assert summary_rec.metrics["ann_overlap@10"] == pytest.approx(1.0)
 
 
@@ -323,3 +341,112 @@ def test_evaluate_stage_bad_split_value(tmp_path):
     write_parquet(ev, run.path(EVENTS))
     with pytest.raises(ArtifactError, match="events.parquet.*'split'.*'val'"):
         evaluate_stage(EvalConfig(ks=KS, umap=False), run)
+
+
+# -- eval.users: a seeded sample; eval.exact_max_items --------------------------------------
+NO_TUNED = {"als": AlsConfig(enabled=False), "ease": EaseConfig(enabled=False)}
+
+
+def test_evaluate_stage_sampled_users_score_as_the_reference_on_the_sample(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    build_index_stage(IndexConfig(factory="Flat", metric="ip"), run)
+    reads, read_events = [], evaluate_module.read_events
+
+    def recording_read_events(run_, users=None):
+        reads.append(None if users is None else sorted(users.tolist()))
+        return read_events(run_, users)
+
+    monkeypatch.setattr(evaluate_module, "read_events", recording_read_events)
+    cfg = EvalConfig(ks=KS, batch_size=4, umap=False, users=6, item_knn=False, **NO_TUNED)
+    evaluate_stage(cfg, run)
+    summary = read_json(run.path(EVAL_SUMMARY))
+
+    candidates = np.array([u for u in range(1, 15) if u not in (2, 5)])  # embedded, with test
+    sample = sample_users(candidates, 6, seed=0)
+    # without a baseline fitting on every user, only the sampled users' events are read
+    assert reads == [sample.tolist()]
+    assert summary["n_users"] == 6 and summary["n_users_embedded"] == 14
+    assert summary["users"] == {
+        "scored": "sample",
+        "sample": 6,
+        "seed": 0,
+        "n_embedded": 14,
+        "n_with_test": 12,
+    }
+    members = set(sample.tolist())
+    for src in ("exact", "popularity"):
+        want = mean_of(reference(run, src), members)
+        assert figures(summary[src]) == pytest.approx(want, abs=1e-9), src
+    assert figures(summary["index"]) == pytest.approx(figures(summary["exact"]), abs=1e-12)
+    assert sum(b["n_users"] for b in summary["breakdown"]["users"]["buckets"].values()) == 6
+    report = run.path(EVAL_REPORT).read_text()
+    assert "a seeded sample (eval.users = 6, seed 0) of the 12 embedded users" in report
+
+    # another seed, other users; item-kNN (fit on every user's events) on the same sample
+    monkeypatch.undo()
+    evaluate_stage(cfg.model_copy(update={"seed": 1, "item_knn": True}), run)
+    other = read_json(run.path(EVAL_SUMMARY))
+    members = set(sample_users(candidates, 6, seed=1).tolist())
+    assert members != set(sample.tolist())
+    for src in ("exact", "item_knn"):
+        want = mean_of(reference(run, src), members)
+        assert figures(other[src]) == pytest.approx(want, abs=1e-9), src
+
+
+def test_evaluate_stage_sample_of_everyone_equals_all_users(tmp_path):
+    run = make_run(tmp_path)
+    build_index_stage(IndexConfig(factory="Flat", metric="ip"), run)
+    evaluate_stage(EvalConfig(ks=KS, umap=False, **NO_TUNED), run)
+    every = read_json(run.path(EVAL_SUMMARY))
+    evaluate_stage(EvalConfig(ks=KS, umap=False, users=10**6, **NO_TUNED), run)
+    sampled = read_json(run.path(EVAL_SUMMARY))
+    assert sampled["n_users"] == every["n_users"] == 12
+    for src in SOURCES:  # the same users in another order: sums differ in the last bits only
+        assert figures(sampled[src]) == pytest.approx(figures(every[src]), abs=1e-12), src
+
+
+def test_evaluate_stage_skips_exact_above_exact_max_items(tmp_path):
+    run = make_run(tmp_path)
+    build_index_stage(IndexConfig(factory="Flat", metric="ip"), run)
+    evaluate_stage(EvalConfig(ks=KS, umap=False, **NO_TUNED), run)
+    with_exact = read_json(run.path(EVAL_SUMMARY))
+    assert "exact_skipped" not in with_exact
+    evaluate_stage(EvalConfig(ks=KS, umap=False, exact_max_items=39, **NO_TUNED), run)
+    summary = read_json(run.path(EVAL_SUMMARY))
+    reason = "exact ranking skipped: 40 items > eval.exact_max_items (39)"
+    assert summary["exact_skipped"].startswith(reason)
+    assert "exact" not in summary and "exact" not in summary["seconds"]
+    assert not any(k.startswith("ann_overlap") for k in summary)
+    for src in ("index", "popularity", "item_knn"):  # the other rankings are unchanged
+        assert summary[src] == with_exact[src]
+    report = run.path(EVAL_REPORT).read_text()
+    assert reason in report and "the index figure stands alone" in report
+    assert "model, exact" not in report
+    evaluate_stage(EvalConfig(ks=KS, umap=False, exact_max_items=40, **NO_TUNED), run)
+    assert "exact" in read_json(run.path(EVAL_SUMMARY))  # 40 items <= 40: exact runs
+
+
+def test_sampled_interval_covers_the_full_figure_on_the_tiny_run(tiny_run, tmp_path):
+    """The synthetic tiny run: half of its users, drawn with a seed, give intervals that cover
+    the figure over all of them, for every ranking (model and baselines) at every k."""
+    cfg, run = tiny_run
+    full = read_json(run.path(EVAL_SUMMARY))
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root)
+    half = full["n_users"] // 2
+    evaluate_stage(cfg.eval.model_copy(update={"users": half}), copy)
+    sampled = read_json(copy.path(EVAL_SUMMARY))
+    assert sampled["n_users"] == half and sampled["users"]["n_with_test"] == full["n_users"]
+    srcs = [s for s in LABELS if s in full]
+    assert set(srcs) == set(LABELS)  # the model (index, exact) and every baseline
+    ratios = []
+    for src in srcs:
+        for k in cfg.eval.ks:
+            for m in ("recall", "ndcg"):
+                name = f"{m}@{k}"
+                lo, hi = sampled[src][f"{name}_ci"]
+                assert lo <= full[src][name] <= hi, (src, name, lo, full[src][name], hi)
+                full_lo, full_hi = full[src][f"{name}_ci"]
+                ratios.append((hi - lo) / (full_hi - full_lo))
+    # half the users: intervals ~sqrt(2) wider than those of all of them (not vacuous)
+    assert 1.15 <= float(np.mean(ratios)) <= 1.8
