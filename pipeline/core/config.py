@@ -71,7 +71,8 @@ class DataConfig(_Strict):
     """Where the raw interactions come from and how to read them."""
 
     source: Literal["synthetic", "lightgcn", "movielens", "table"] = "synthetic"
-    path: str | None = None  # directory (lightgcn, movielens) or file (table)
+    path: str | None = None  # directory (lightgcn, movielens); table: a file, or parquet parts
+    # (a directory of *.parquet files or a glob), read in file-name order
     users_path: str | None = None  # table source: optional user attribute table
     items_path: str | None = None  # table source: optional item attribute table
     columns: ColumnMap = ColumnMap()  # table source: column mapping

@@ -16,6 +16,7 @@ and add a row here in its place in the order.
 
 from __future__ import annotations
 
+import glob
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,10 +53,17 @@ Call = Callable[[StageFn, Config, RunDir, dict[str, Any]], StageRecord]
 
 
 def raw_inputs(data: DataConfig) -> list[Path]:
-    """The raw files ingest reads (directories are hashed whole); none for synthetic data."""
+    """The raw files ingest reads (directories are hashed whole, a glob of parquet parts as the
+    sorted files it matches); none for synthetic data."""
     if data.source == "synthetic":
         return []
-    return [Path(p) for p in (data.path, data.users_path, data.items_path) if p]
+    paths = []
+    for p in (data.path, data.users_path, data.items_path):
+        if p and not Path(p).exists() and any(c in p for c in "*?["):
+            paths.extend(sorted(Path(f) for f in glob.glob(p)))  # the parts a glob names
+        elif p:
+            paths.append(Path(p))
+    return paths
 
 
 def previous_inputs(path: str | None, weights: bool) -> list[Path]:

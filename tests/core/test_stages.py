@@ -64,3 +64,17 @@ def test_the_cli_has_one_command_per_stage_in_table_order() -> None:
     names = [c.name or c.callback.__name__ for c in app.registered_commands]
     assert [n for n in names if n in NAMES] == list(NAMES)
     assert names.index("run") < names.index(NAMES[0])
+
+
+def test_raw_inputs_expand_a_glob_of_parts_so_their_content_is_hashed(tmp_path: Path) -> None:
+    """A table ``data.path`` given as a glob names the files it matches (sorted), so changing
+    a part changes the ingest stage's input hash; a directory or a file is named itself."""
+    from pipeline.core.config import DataConfig
+    from pipeline.core.stages import raw_inputs
+
+    for name in ("part-1.parquet", "part-0.parquet", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    glob_cfg = DataConfig(source="table", path=str(tmp_path / "part-*.parquet"))
+    assert raw_inputs(glob_cfg) == [tmp_path / "part-0.parquet", tmp_path / "part-1.parquet"]
+    assert raw_inputs(DataConfig(source="table", path=str(tmp_path))) == [tmp_path]
+    assert raw_inputs(DataConfig()) == []  # synthetic: nothing to hash
