@@ -138,7 +138,7 @@ def test_row_sparse_adam_equals_torchs_sparse_adam_and_skips_untouched_rows(coal
         if coalesced_input:
             rows = rows.unique()  # sorted, unique, but not flagged coalesced
         values = torch.randn(rows.numel(), 6, generator=g)
-        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (40, 6))
+        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (40, 6), check_invariants=True)
         touched[rows] = True
         mine.grad, ref.grad = grad.clone(), grad.clone()
         opt.step()
