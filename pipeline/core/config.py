@@ -625,7 +625,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             Config.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, source)) from None
+            # a file may leave a required key to --set (configs/scale.yaml's data.path): only
+            # without overrides is the file alone to blame
+            if not overrides:
+                raise ConfigError(_format_errors(exc, source)) from None
     return resolve_config(raw, overrides or [], source)
 
 

@@ -92,3 +92,19 @@ def test_eval_users_bootstrap_and_exact_max_items(tmp_path: Path) -> None:
         assert message.count("invalid value") == 1 and str(p) in message, message
         for fragment in fragments:
             assert fragment in message, (text, message)
+
+
+def test_a_required_key_left_to_set_is_accepted_from_the_command_line(tmp_path: Path) -> None:
+    """A config file may leave a key it requires to ``--set`` (configs/scale.yaml leaves
+    data.path to the user); without the override the error names the file and the key."""
+    p = tmp_path / "partial.yaml"
+    p.write_text("data:\n  source: table\n")
+    with pytest.raises(
+        ConfigError, match=r"data.path is required.*partial.yaml|partial.yaml.*data"
+    ):
+        load_config(p)
+    cfg = load_config(p, ["data.path=/data/parts"])
+    assert cfg.data.path == "/data/parts"
+    with pytest.raises(ConfigError, match=r"with --set"):
+        load_config(p, ["train.epochs=3"])  # still missing: the error names file and --set
+    assert load_config(CONFIGS / "scale.yaml", ["data.path=/data/parts"]).model.dim == 64
