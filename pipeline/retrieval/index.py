@@ -140,6 +140,23 @@ class FactoryError(ValueError):
     """A faiss index factory string that faiss cannot parse, or cannot build for this data."""
 
 
+# auto: IVF k-means samples at most this many vectors per list. k-means costs (sample x lists)
+# and auto's lists grow as sqrt(N), so with faiss' 256 the training sample is the whole
+# catalogue up to 1M items and the build grows as N^1.5 (100k -> 1M items: 1.2 s -> 40 s on 2
+# cores, benchmarks/README.md "Scale"); 64 is well above the 39 faiss asks for, and the
+# index stage tunes nprobe to the recall target on whatever lists come out.
+AUTO_TRAIN_POINTS_PER_LIST = 64
+
+
+def _is_ivf(index: faiss.Index) -> bool:
+    """Whether ``index`` has an IVF layer (whose k-means training can be capped)."""
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
 def auto_nlist(n_items: int) -> int:
     """IVF lists for ``n_items``: 4·sqrt(N) rounded to a power of two (faiss' guideline range
     4-16·sqrt(N)), at most N / 39 so k-means has the 39 points per centroid faiss asks for."""
@@ -196,6 +213,7 @@ def build_index(
     gpu: str = "auto",
     gpu_mode: str = "replicate",
     gpu_fp16: bool = False,
+    train_points_per_list: int | None = None,
 ) -> faiss.Index:
     """Build a FAISS index over ``vectors`` whose search results are ``ids``, not row numbers.
 
@@ -208,6 +226,9 @@ def build_index(
         gpu: "auto" moves the index to all GPUs when faiss reports any, "never" keeps it on CPU.
         gpu_mode: "replicate" (a copy per GPU) or "shard" (items split over GPUs).
         gpu_fp16: store vectors in float16 on the GPU.
+        train_points_per_list: IVF k-means trains on at most this many sampled vectors per
+            list (faiss' default: 256); None keeps faiss' default. ``index.factory: auto``
+            passes :data:`AUTO_TRAIN_POINTS_PER_LIST` (see there).
 
     Indexes that store ids themselves (IVF, pre-transformed IVF, "IDMap2,...") get
     ``add_with_ids``; every other index (Flat, HNSW, PQ, refine, ...) is wrapped in
@@ -235,6 +256,8 @@ def build_index(
             f"invalid faiss index factory string {factory!r} for dim {x.shape[1]}: "
             f"{_faiss_message(exc)}"
         ) from None
+    if train_points_per_list is not None and _is_ivf(index):
+        faiss.extract_index_ivf(index).cp.max_points_per_centroid = train_points_per_list
     if not index.is_trained:
         if x.shape[0] == 0:
             raise FactoryError(f"index {factory!r} needs training but there are no vectors")

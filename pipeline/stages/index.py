@@ -32,6 +32,7 @@ from pipeline.core.rundir import (
 from pipeline.retrieval import tuning
 from pipeline.retrieval.embeddings import read_item_embeddings, read_vectors
 from pipeline.retrieval.index import (
+    AUTO_TRAIN_POINTS_PER_LIST,
     FactoryError,
     build_index,
     check_metric,
@@ -97,7 +98,16 @@ def build_index_stage(cfg: IndexConfig, run: RunDir) -> StageRecord:
     factory = resolve_factory(cfg.factory, int(ids.size), int(vecs.shape[1]))
     tb = time.perf_counter()
     try:
-        index = build_index(vecs, ids, factory, cfg.metric, cfg.gpu, cfg.gpu_mode, cfg.gpu_fp16)
+        index = build_index(
+            vecs,
+            ids,
+            factory,
+            cfg.metric,
+            cfg.gpu,
+            cfg.gpu_mode,
+            cfg.gpu_fp16,
+            AUTO_TRAIN_POINTS_PER_LIST if cfg.factory == "auto" else None,
+        )
     except FactoryError as exc:
         raise FactoryError(f"index.factory={cfg.factory!r}: {exc}") from None
     build_seconds = time.perf_counter() - tb
