@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.core.rundir import EVENTS, ArtifactError, RunDir, scan_parquet
+from pipeline.retrieval.embeddings import frame_vectors
 
 __all__ = ["embedded_user_ids", "read_user_vectors", "sample_users", "users_with_test"]
 
@@ -71,8 +72,8 @@ def read_user_vectors(path: Path, users: np.ndarray, dim: int) -> tuple[np.ndarr
     """(ids (U',) int64 sorted, vectors (U', dim) float32) of those ``users`` in ``path``.
 
     A lazy scan filtered to ``users``: only their rows are materialised. Users without a row
-    are left out. Errors name the file and column (null rows, wrong length, non-finite values),
-    as :func:`pipeline.retrieval.embeddings.read_vectors` does for a whole file.
+    are left out. The rows are checked by :func:`pipeline.retrieval.embeddings.frame_vectors`,
+    as a whole file is (errors name the file and column).
     """
     wanted = pl.Series("user_idx", np.asarray(users, dtype=np.int64))
     df = (
@@ -82,16 +83,4 @@ def read_user_vectors(path: Path, users: np.ndarray, dim: int) -> tuple[np.ndarr
         .collect(engine="streaming")
         .sort("user_idx")
     )
-    col = df["vector"]
-    if df.height and col.dtype != pl.List(pl.Float32):
-        col = col.cast(pl.List(pl.Float32))
-    if col.null_count():
-        raise ArtifactError(f"{path}: column 'vector' has {col.null_count()} null rows")
-    lengths = col.list.len().to_numpy()
-    if df.height and (lengths != dim).any():
-        bad = int(lengths[lengths != dim][0])
-        raise ArtifactError(f"{path}: column 'vector' has length {bad}, meta says dim={dim}")
-    vecs = np.asarray(col.explode().to_numpy(), dtype=np.float32).reshape(df.height, dim)
-    if not np.isfinite(vecs).all():
-        raise ArtifactError(f"{path}: column 'vector' holds non-finite values")
-    return df["user_idx"].to_numpy(), vecs
+    return frame_vectors(df, path, "user_idx", dim)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from pipeline.core.rundir import (
@@ -31,6 +32,14 @@ def read_vectors(path: Path, id_col: str, dim: int | None = None) -> tuple[np.nd
     floats, all of one length, equal to ``dim`` when given). Errors name the file and column.
     """
     df = read_parquet(path, {id_col: "int", "vector": "list[float]"})
+    return frame_vectors(df, path, id_col, dim)
+
+
+def frame_vectors(
+    df: pl.DataFrame, path: Path, id_col: str, dim: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,) int64, vectors (N, D) float32) of an embeddings frame read from ``path`` (the
+    whole file, or the rows a filtered scan kept), checked as :func:`read_vectors` says."""
     ids = df.get_column(id_col).to_numpy().astype(np.int64, copy=False)
     col = df.get_column("vector").to_arrow()
     if isinstance(col, pa.ChunkedArray):
