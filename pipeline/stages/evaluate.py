@@ -163,7 +163,11 @@ def _read_users(
     embedded = embedded_user_ids(path)
     needs_all = cfg.item_knn or cfg.als.enabled or cfg.ease.enabled
     all_events = read_events(run) if needs_all else None
-    candidates = np.intersect1d(embedded, users_with_test(run))  # sorted
+    if all_events is None:
+        tested = users_with_test(run)  # a scan of two columns
+    else:  # already in memory: no second read of EVENTS
+        tested = all_events.filter(pl.col("split") == "test")["user_idx"].unique().to_numpy()
+    candidates = np.intersect1d(embedded, tested)  # sorted
     ids, vecs = read_user_vectors(path, sample_users(candidates, int(cfg.users), cfg.seed), dim)
     if all_events is None:
         events = read_events(run, ids)
