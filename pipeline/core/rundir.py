@@ -8,6 +8,7 @@ crash never leaves a half-written artifact.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -95,6 +96,20 @@ def remove_path(path: Path, ignore_errors: bool = False) -> None:
         shutil.rmtree(path, ignore_errors=ignore_errors)
     else:
         path.unlink(missing_ok=True)
+
+
+GLOB_CHARS = "*?["  # a path holding one of these, and naming no file, is a glob of parts
+
+
+def glob_parts(path: str | Path) -> list[Path] | None:
+    """The sorted files a glob path matches (hidden ones left out), or None when ``path`` is
+    not a glob (it exists, or holds no glob character). Ingest reads these parts, and the
+    runner hashes the same ones."""
+    text = str(path)
+    if Path(text).exists() or not any(c in text for c in GLOB_CHARS):
+        return None
+    found = (Path(f) for f in glob.glob(text))
+    return sorted(f for f in found if f.is_file() and not f.name.startswith("."))
 
 
 @contextmanager

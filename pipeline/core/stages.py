@@ -16,7 +16,6 @@ and add a row here in its place in the order.
 
 from __future__ import annotations
 
-import glob
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from pipeline.core.rundir import (
     USER_VOCAB,
     RunDir,
     StageRecord,
+    glob_parts,
 )
 
 StageFn = Callable[..., StageRecord]  # a stage's function, as its module defines it
@@ -57,12 +57,11 @@ def raw_inputs(data: DataConfig) -> list[Path]:
     sorted files it matches); none for synthetic data."""
     if data.source == "synthetic":
         return []
-    paths = []
+    paths: list[Path] = []
     for p in (data.path, data.users_path, data.items_path):
-        if p and not Path(p).exists() and any(c in p for c in "*?["):
-            paths.extend(sorted(Path(f) for f in glob.glob(p)))  # the parts a glob names
-        elif p:
-            paths.append(Path(p))
+        if p:
+            parts = glob_parts(p)  # a glob: the parts ingest reads
+            paths.extend([Path(p)] if parts is None else parts)
     return paths
 
 

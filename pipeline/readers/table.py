@@ -22,7 +22,6 @@ pinned to its part, row and value by the in-memory checks of the parts in turn.
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.core.config import ColumnMap
+from pipeline.core.rundir import glob_parts
 from pipeline.readers.common import (
     IngestError,
     attribute_table,
@@ -45,7 +45,6 @@ from pipeline.readers.common import (
 SUFFIXES = (".parquet", ".csv")  # file types the table reader understands
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of an int64 timestamp
 ROW = "__ingest_row__"  # row-position column standing in for a missing timestamp column
-GLOB_CHARS = "*?["  # a table path holding one of these is a glob of parts
 
 
 def table_files(path: str | Path) -> list[Path]:
@@ -61,12 +60,8 @@ def table_files(path: str | Path) -> list[Path]:
         files = sorted(f for f in root.glob("*.parquet") if not f.name.startswith("."))
         if not files:
             raise IngestError(f"{root}: the directory holds no .parquet file")
-    elif any(c in text for c in GLOB_CHARS) and not root.exists():
-        files = sorted(
-            Path(f)
-            for f in glob.glob(text)
-            if Path(f).is_file() and not Path(f).name.startswith(".")
-        )
+    elif (parts := glob_parts(text)) is not None:
+        files = parts
         if not files:
             raise IngestError(f"{text}: no file matches this pattern")
     else:
