@@ -380,6 +380,27 @@ def _attribute_features(
     return encode_attributes(known, meta), meta
 
 
+def join_attributes(
+    table: pl.DataFrame,
+    raw_path: Path,
+    vocab: pl.DataFrame,
+    id_col: str,
+    idx_col: str,
+    reserved: tuple[str, ...],
+    old_attrs: dict[str, Any] | None = None,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """``table`` (one row per ``idx_col``) with the encoded attributes of
+    :func:`_attribute_features` joined on, missing codes filled, sorted by ``idx_col``; and the
+    attributes' meta."""
+    attrs_df, attrs = _attribute_features(raw_path, vocab, id_col, idx_col, reserved, old_attrs)
+    joined = (
+        table.join(attrs_df, on=idx_col, how="left")
+        .with_columns(**missing_codes(attrs))
+        .sort(idx_col)
+    )
+    return joined, attrs
+
+
 # -- scratch partitions -------------------------------------------------------------------
 
 
@@ -778,7 +799,8 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         users, items = feature_tables(
             n_users, n_items, written, item_aggregates(side[0], n_buckets, cfg.audience_len)
         )
-        user_attrs_df, user_attrs = _attribute_features(
+        users, user_attrs = join_attributes(
+            users,
             run.path(RAW_USERS),
             user_vocab,
             "user",
@@ -786,23 +808,14 @@ def build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
             tuple(USER_FEATURES_KINDS),
             prev.vocabs.user_attrs if prev is not None else None,
         )
-        item_attrs_df, item_attrs = _attribute_features(
+        items, item_attrs = join_attributes(
+            items,
             run.path(RAW_ITEMS),
             item_vocab,
             "item",
             "item_idx",
             tuple(ITEM_FEATURES_KINDS),
             prev.vocabs.item_attrs if prev is not None else None,
-        )
-        users = (
-            users.join(user_attrs_df, on="user_idx", how="left")
-            .with_columns(**missing_codes(user_attrs))
-            .sort("user_idx")
-        )
-        items = (
-            items.join(item_attrs_df, on="item_idx", how="left")
-            .with_columns(**missing_codes(item_attrs))
-            .sort("item_idx")
         )
         count = written.counts
         items_seen_old = int(((to_idx >= 1) & (to_idx <= n_old_items)).sum())  # learnt and old

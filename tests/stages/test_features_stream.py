@@ -45,13 +45,12 @@ from pipeline.core.schemas import USER_FEATURES_KINDS as USER_KINDS
 from pipeline.serving.transforms import EMPTY_CODES, OOV
 from pipeline.stages import features
 from pipeline.stages.features import (
-    _attribute_features,
     assign_valid,
     build_features,
     check_given_split,
     drop_duplicate_pairs,
+    join_attributes,
     kth_largest,
-    missing_codes,
     shortlex,
     sort_events,
     write_keys,
@@ -266,7 +265,9 @@ def old_build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         .sort("item_idx")
         .collect()
     )
-    user_attrs_df, user_attrs = _attribute_features(
+    # the attribute encoding did not change with streaming: the stage's own helper
+    users, user_attrs = join_attributes(
+        users,
         run.path(RAW_USERS),
         user_vocab,
         "user",
@@ -274,23 +275,14 @@ def old_build_features(cfg: FeaturesConfig, run: RunDir) -> StageRecord:
         tuple(USER_KINDS),
         prev.vocabs.user_attrs if prev is not None else None,
     )
-    item_attrs_df, item_attrs = _attribute_features(
+    items, item_attrs = join_attributes(
+        items,
         run.path(RAW_ITEMS),
         item_vocab,
         "item",
         "item_idx",
         tuple(ITEM_FEATURES_KINDS),
         prev.vocabs.item_attrs if prev is not None else None,
-    )
-    users = (
-        users.join(user_attrs_df, on="user_idx", how="left")
-        .with_columns(**missing_codes(user_attrs))
-        .sort("user_idx")
-    )
-    items = (
-        items.join(item_attrs_df, on="item_idx", how="left")
-        .with_columns(**missing_codes(item_attrs))
-        .sort("item_idx")
     )
     counts = events_out.group_by("split").len().rows()
     count = {s: 0 for s in SPLITS} | {s: int(n) for s, n in counts}
