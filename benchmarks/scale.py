@@ -22,6 +22,7 @@ seconds and peak memory against size is written beside the runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -85,6 +86,7 @@ def size_config(data: Path, path: Path) -> Path:
     return path
 
 
+@functools.cache  # the same model for every size: measured once, reported on each line
 def small_tables_step_ms(dim: int, batch: int, history: int) -> float:
     """Median ms of the train step on 50k users x 40k items, row-sparse bf16, as the run."""
     cmd = [
