@@ -52,8 +52,9 @@ class RowSparseAdam(torch.optim.Optimizer):
 
     which is SparseAdam's formula. SparseAdam computes it through sparse-tensor arithmetic
     (``sparse_mask`` of the moments and dense += sparse adds) that, on this CPU, cost 200 ms a
-    step on 5M x 1M tables of dim 64 (benchmarks/README.md); here it is three row gathers, a
-    few element-wise passes over the (U, D) touched rows and three row scatters. A gradient
+    step on 5M x 1M tables of dim 64 (benchmarks/README.md); here it is two row gathers, a
+    few element-wise passes over the (U, D) touched rows and two row scatters (a row's two
+    moments lie side by side, ``state["moments"]`` (N, 2, D)). A gradient
     whose row indices are already sorted and unique (what :mod:`towers.lookup` produces;
     autograd drops the coalesced flag on the way) is not coalesced again.
     """
@@ -81,18 +82,20 @@ class RowSparseAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)  # (N, D)
-                    state["exp_avg_sq"] = torch.zeros_like(p)  # (N, D)
+                    # both moments of a row side by side: one gather and one scatter of
+                    # 2 D floats a row instead of two of D (the rows are random in a table
+                    # of millions, so each access is a cache miss)
+                    state["moments"] = p.new_zeros(p.shape[0], 2, p.shape[1])  # (N, 2, D)
                 state["step"] += 1
                 t = state["step"]
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)  # (U, D)
-                v = state["exp_avg_sq"].index_select(0, rows)  # (U, D)
+                mv = state["moments"].index_select(0, rows)  # (U, 2, D)
+                m, v = mv[:, 0], mv[:, 1]  # (U, D) views
+                m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                state["exp_avg"][rows] = m
-                state["exp_avg_sq"][rows] = v
+                state["moments"].index_copy_(0, rows, mv)
                 step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-                w = p.index_select(0, rows).addcdiv_(m, v.sqrt_().add_(eps), value=-step_size)
-                p[rows] = w  # (U, D) the updated rows back in place
+                w = p.index_select(0, rows).addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+                p.index_copy_(0, rows, w)  # (U, D) the updated rows back in place
 
 
 def _touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
