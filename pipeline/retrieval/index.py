@@ -158,12 +158,16 @@ def _is_ivf(index: faiss.Index) -> bool:
 
 
 def auto_nlist(n_items: int) -> int:
-    """IVF lists for ``n_items``: 4·sqrt(N) rounded to a power of two (faiss' guideline range
-    4-16·sqrt(N)), at most N / 39 so k-means has the 39 points per centroid faiss asks for."""
-    nlist = 2 ** round(np.log2(max(4.0 * np.sqrt(max(n_items, 1)), 1.0)))
-    while nlist > 1 and nlist * 39 > n_items:
-        nlist //= 2
-    return int(nlist)
+    """IVF lists for ``n_items``: 4·sqrt(N) (faiss' guideline range 4-16·sqrt(N)) rounded to a
+    multiple of 64, at most N / 39 so k-means has the 39 points per centroid faiss asks for.
+
+    Not rounded to a power of two: that moved the count up to sqrt(2) away from 4·sqrt(N), so
+    the list count (and with it k-means' work, which grows as lists², and the add's, as N x
+    lists) jumped 4x for 10x the items (benchmarks/README.md, "Scale").
+    """
+    target = 4.0 * np.sqrt(max(n_items, 1))
+    nlist = int(target / 64.0 + 0.5) * 64 if target >= 64 else int(target + 0.5)
+    return int(max(1, min(nlist, n_items // 39)))
 
 
 def auto_factory(n_items: int, dim: int) -> str:

@@ -25,12 +25,14 @@ from pipeline.core.rundir import (
     ArtifactError,
     RunDir,
     StageRecord,
+    scan_parquet,
     write_json,
     write_text,
     write_with,
 )
+from pipeline.evaluation.users import read_user_vectors
 from pipeline.retrieval import tuning
-from pipeline.retrieval.embeddings import read_item_embeddings, read_vectors
+from pipeline.retrieval.embeddings import read_item_embeddings
 from pipeline.retrieval.index import (
     AUTO_TRAIN_POINTS_PER_LIST,
     FactoryError,
@@ -41,7 +43,7 @@ from pipeline.retrieval.index import (
     save_index,
     set_search_params,
 )
-from pipeline.retrieval.topk import topk_index
+from pipeline.retrieval.topk import topk_exact
 
 # -- the stage ------------------------------------------------------------------------------
 # Refine indexes ("...,RFlat"): exactly re-rank 16k PQ candidates (faiss' own default is 1,
@@ -58,19 +60,22 @@ def tuning_queries(
     """(Q, D) query vectors for tuning and where they come from ("users" or "items").
 
     A uniform sample (seeded) of up to ``n`` USER_EMBEDDINGS rows: the queries the index will
-    really answer. Without user embeddings (an index built from items alone) the item vectors
+    really answer. Only the id column is read whole; the sampled users' vectors come from a
+    filtered scan (:func:`read_user_vectors`), so 5M user vectors are not decoded for 1,000
+    queries. Without user embeddings (an index built from items alone) the item vectors
     stand in, with a warning: item-to-item queries find themselves, so recall looks better.
     """
     path = run.path(USER_EMBEDDINGS)
-    vecs, source = item_vecs, "items"
+    rng = np.random.default_rng(seed)
     if path.is_file():
-        _, users = read_vectors(path, "user_idx", dim)
+        users = scan_parquet(path, {"user_idx": "int"}).select("user_idx").collect()["user_idx"]
         if len(users):
-            vecs, source = users, "users"
-    if source == "items":
-        warnings.warn(f"{path}: no user vectors; tuning on item vectors as queries", stacklevel=2)
-    take = np.random.default_rng(seed).choice(len(vecs), size=min(n, len(vecs)), replace=False)
-    return np.ascontiguousarray(vecs[np.sort(take)], dtype=np.float32), source
+            take = rng.choice(len(users), size=min(n, len(users)), replace=False)
+            _, vecs = read_user_vectors(path, users.to_numpy()[np.sort(take)], dim)
+            return np.ascontiguousarray(vecs, dtype=np.float32), "users"
+    warnings.warn(f"{path}: no user vectors; tuning on item vectors as queries", stacklevel=2)
+    take = rng.choice(len(item_vecs), size=min(n, len(item_vecs)), replace=False)
+    return np.ascontiguousarray(item_vecs[np.sort(take)], dtype=np.float32), "items"
 
 
 def _write_sweep(run: RunDir, doc: dict[str, Any]) -> None:
@@ -122,9 +127,7 @@ def build_index_stage(cfg: IndexConfig, run: RunDir) -> StageRecord:
     if cfg.tune:
         tt = time.perf_counter()
         queries, source = tuning_queries(run, cfg.tune_queries, int(vecs.shape[1]), vecs)
-        flat = build_index(vecs, ids, "Flat", cfg.metric, gpu="never")  # the exact reference
-        exact = topk_index(flat, queries, None, cfg.tune_k, len(queries))  # (Q, k), one search
-        del flat
+        exact = topk_exact(queries, vecs, ids, None, cfg.tune_k, metric=cfg.metric)  # (Q, k)
         param = tuning.tunable_param(index)
         fixed = {"nprobe": cfg.nprobe, "efSearch": cfg.ef_search}.get(param or "")
         param, chosen, rows, at = tuning.tune(

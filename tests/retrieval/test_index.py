@@ -152,13 +152,16 @@ def clustered(n, dim=16, clusters=20, seed=0):
 def test_auto_factory_by_catalogue_size():
     assert auto_factory(1_000, 64) == "Flat"
     assert auto_factory(99_999, 64) == "Flat"
-    assert auto_factory(100_000, 64) == "IVF1024,Flat"  # 4·sqrt(1e5) = 1265 -> 1024
-    assert auto_factory(1_000_000, 64) == "IVF4096,Flat"  # 4000 -> 4096
-    assert auto_factory(5_000_000, 64) == "IVF8192,PQ32x4fs,RFlat"  # 8944 -> 8192, m = d/2
-    assert auto_factory(5_000_000, 33) == "IVF8192,PQ33x4fs,RFlat"  # odd d: one dim per code
-    assert auto_nlist(1_000) == 16  # capped so k-means has >= 39 points per list
-    for n in (1_000, 100_000, 10**6, 10**7):
-        assert 39 * auto_nlist(n) <= n
+    assert auto_factory(100_000, 64) == "IVF1280,Flat"  # 4·sqrt(1e5) = 1265 -> 20 x 64
+    assert auto_factory(1_000_000, 64) == "IVF4032,Flat"  # 4000 -> 63 x 64
+    assert auto_factory(5_000_000, 64) == "IVF8960,PQ32x4fs,RFlat"  # 8944 -> 140 x 64, m = d/2
+    assert auto_factory(5_000_000, 33) == "IVF8960,PQ33x4fs,RFlat"  # odd d: one dim per code
+    assert auto_nlist(1_000) == 25  # 126 wanted, capped so k-means has >= 39 points per list
+    assert auto_nlist(200) == 5 and auto_nlist(10) == 1
+    for n in (10, 1_000, 100_000, 10**6, 10**7, 10**8):
+        assert 39 * auto_nlist(n) <= n or auto_nlist(n) == 1
+        if n >= 10**5:  # within half a step of 64 of the guideline
+            assert abs(auto_nlist(n) - 4 * n**0.5) <= 32
     for factory, d in (("IVF16,PQ32x4fs,RFlat", 64), ("IVF16,PQ33x4fs,RFlat", 33)):
         built = build_index(clustered(1000, dim=d), np.arange(1000), factory, gpu="never")
         assert tuning.tunable_param(built) == "nprobe"  # faiss builds what auto names

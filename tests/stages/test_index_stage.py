@@ -163,6 +163,21 @@ def tuned_run(tmp_path, n_items=2000, n_users=300):
     return run
 
 
+def test_tuning_queries_are_a_seeded_sample_of_the_user_vectors(tmp_path):
+    """The filtered read returns whole user rows: distinct rows of the full file, the same
+    ones for the same seed, another sample for another seed."""
+    run = tuned_run(tmp_path, n_items=100, n_users=300)
+    users = clustered(300, seed=1).astype(np.float32)
+    items = np.zeros((0, 16), np.float32)
+    q, source = index_stage.tuning_queries(run, 40, 16, items, seed=3)
+    assert source == "users" and q.shape == (40, 16)
+    rows = [int(np.flatnonzero((users == r).all(1))[0]) for r in q]  # each a row of the file
+    assert len(set(rows)) == 40 and rows == sorted(rows)  # distinct, in file order
+    np.testing.assert_array_equal(q, index_stage.tuning_queries(run, 40, 16, items, seed=3)[0])
+    assert not np.array_equal(q, index_stage.tuning_queries(run, 40, 16, items, seed=4)[0])
+    assert len(index_stage.tuning_queries(run, 1000, 16, items)[0]) == 300  # at most all
+
+
 def test_stage_auto_picks_flat_for_a_small_catalogue(tmp_path):
     run = tuned_run(tmp_path, n_items=500, n_users=50)
     rec = build_index_stage(IndexConfig(), run)  # factory: auto
