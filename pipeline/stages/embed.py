@@ -40,13 +40,15 @@ def vectors_table(id_name: str, ids: np.ndarray, vecs: np.ndarray) -> pa.Table:
 def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
     """Write item and test-user embeddings plus the metric/normalisation they were trained for."""
     model, ckpt = load_model(run.path(BEST_CHECKPOINT))
-    ft = load_feature_tensors(run)
+    ft = load_feature_tensors(run, phases=("all",))  # encoded with train+valid inputs only
     if not model.config.item_audience:
         ft = ft.without_audience()
     item_vecs = encode_items(model, ft, "all", batch_size).numpy()  # (n_items - 1, dim)
     test_users, _ = load_pairs(run, ["test"])
-    users = np.unique(test_users)
-    users = users[users > 0]
+    has_test = np.zeros(ft.n_users, dtype=bool)  # (n_users,) by row: no sort of 10^8 events
+    has_test[test_users] = True
+    has_test[0] = False  # the OOV row
+    users = np.flatnonzero(has_test)  # sorted, unique
     user_vecs = encode_users(model, ft, torch.from_numpy(users), "all", batch_size).numpy()
     item_ids = np.arange(1, ft.n_items, dtype=np.int64)
     write_parquet(vectors_table("item_idx", item_ids, item_vecs), run.path(ITEM_EMBEDDINGS))

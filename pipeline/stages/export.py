@@ -283,7 +283,7 @@ def _write_bundle(cfg: ExportConfig, run: RunDir, out: Path) -> dict[str, Any]:
     if cfg.weights:  # plain tensors and dicts: torch.load(..., weights_only=True) reads it
         weights = {"tower_config": asdict(model.config), "model": model.state_dict()}
         torch.save(weights, out / MODEL_FILE)
-    ft = load_feature_tensors(run)
+    ft = load_feature_tensors(run, phases=("all",))  # the bundle serves train+valid inputs
     meta = read_json(run.path(FEATURE_META))
     example = ft.user_batch(torch.arange(1, min(ft.n_users, 3)), "all")
     attr_names, program, args = export_user_tower(model.user_tower, example, out / TOWER_FILE)

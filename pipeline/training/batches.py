@@ -80,31 +80,37 @@ class FeatureTensors:
 def _attr_tensors(df: pl.DataFrame, idx: np.ndarray, spec: dict[str, Any], n: int) -> dict:
     out: dict[str, torch.Tensor] = {}
     for name, info in spec.items():
-        if info["kind"] == "multi":
-            values = padded(df[name])
+        if info["kind"] == "multi":  # (n, M) codes, placed by row as they are padded
+            out[name] = torch.from_numpy(padded(df[name], None, idx, n))
         else:
             values = df[name].fill_null(0).to_numpy().astype(np.int64)
-        out[name] = torch.from_numpy(_scatter_rows(idx, values, n))
+            out[name] = torch.from_numpy(_scatter_rows(idx, values, n))
     return out
 
 
-def load_feature_tensors(run: RunDir) -> FeatureTensors:
-    """Read the features stage's user/item tables into tensors."""
+def load_feature_tensors(run: RunDir, phases: tuple[str, ...] = ("train", "all")) -> FeatureTensors:
+    """Read the features stage's user/item tables into tensors.
+
+    ``phases=("all",)`` reads only the train+valid histories and audiences (what embedding
+    and export encode with); the "train" fields then hold the same tensors, so a table of
+    5M users x 50 history rows is built once, not twice.
+    """
     meta = read_json(run.path(FEATURE_META))
     n_users, n_items, width = meta["n_users"], meta["n_items"], max(meta["history_len"], 1)
     users = read_parquet(run.path(USER_FEATURES), USER_FEATURES_KINDS)
     items = read_parquet(run.path(ITEM_FEATURES), ITEM_FEATURES_KINDS)
     uidx = users["user_idx"].to_numpy().astype(np.int64)
     iidx = items["item_idx"].to_numpy().astype(np.int64)
+    history_all = torch.from_numpy(padded(users["history_all"], width, uidx, n_users))
+    audience_all = _audience(items, iidx, "audience_all", meta, n_items)
+    train = "train" in phases
     return FeatureTensors(
         n_users=n_users,
         n_items=n_items,
-        history_train=torch.from_numpy(
-            _scatter_rows(uidx, padded(users["history_train"], width), n_users)
-        ),
-        history_all=torch.from_numpy(
-            _scatter_rows(uidx, padded(users["history_all"], width), n_users)
-        ),
+        history_train=torch.from_numpy(padded(users["history_train"], width, uidx, n_users))
+        if train
+        else history_all,
+        history_all=history_all,
         user_attrs=_attr_tensors(users, uidx, meta.get("user_attrs", {}), n_users),
         item_attrs=_attr_tensors(items, iidx, meta.get("item_attrs", {}), n_items),
         pop_train=torch.from_numpy(
@@ -114,8 +120,10 @@ def load_feature_tensors(run: RunDir) -> FeatureTensors:
             _scatter_rows(iidx, items["pop_all"].to_numpy().astype(np.int64), n_items)
         ),
         meta=meta,
-        audience_train=_audience(items, iidx, "audience_train", meta, n_items),
-        audience_all=_audience(items, iidx, "audience_all", meta, n_items),
+        audience_train=_audience(items, iidx, "audience_train", meta, n_items)
+        if train
+        else audience_all,
+        audience_all=audience_all,
     )
 
 
@@ -126,7 +134,7 @@ def _audience(
     width = int(meta.get("audience_len", 0))
     if width == 0:
         return None
-    return torch.from_numpy(_scatter_rows(iidx, padded(items[column], width), n_items))
+    return torch.from_numpy(padded(items[column], width, iidx, n_items))
 
 
 def load_pairs(run: RunDir, splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
