@@ -219,8 +219,8 @@ class IndexConfig(_Strict):
     """The FAISS index over all items, and the search-time setting it is served with.
 
     ``factory: auto`` picks by catalogue size N (``pipeline.retrieval.index.auto_factory``):
-    ``Flat`` (exact) below 100k items; ``IVF{n},Flat`` with n = 4·sqrt(N) rounded to a power of two
-    below 2M; ``IVF{n},PQ{d/2}x4fs,RFlat`` (fast-scan PQ + exact re-ranking) from 2M; IVF k-means
+    ``Flat`` (exact) below 100k items; ``IVF{n},Flat`` with n = 4·sqrt(N) rounded to a multiple
+    of 64 below 2M; ``IVF{n},PQ{d/2}x4fs,RFlat`` (fast-scan PQ + exact re-ranking) from 2M; IVF k-means
     trains on at most 64 sampled vectors a list, so the build grows about linearly. With
     ``tune``, nprobe (IVF) / efSearch (HNSW) is swept on sampled user vectors and the smallest
     value whose ANN recall@tune_k reaches ``target_recall`` is saved with the index.
