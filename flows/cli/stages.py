@@ -16,6 +16,9 @@ from pipeline.core.rundir import EVAL_REPORT, ArtifactError, RunDir, StageRecord
 from pipeline.core.runner import TrackingContext, check_run_config, run_stage, sweep_temporaries
 from pipeline.core.stages import STAGES
 
+# what a stage raises on bad input or a busy run: one line, exit code 2 (see ``fail``)
+EXPECTED = (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError)
+
 RunOpt = Annotated[Path, typer.Option("--run", help="the run directory")]
 ForceOpt = Annotated[
     bool,
@@ -78,7 +81,7 @@ def run(
             reuse=reuse,
             force=force,
         )
-    except (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError) as exc:
+    except (*EXPECTED, ChildProcessError) as exc:  # a failed rank's traceback is above
         fail(str(exc))
     rd = RunDir(out)
     manifest = rd.manifest()
@@ -135,7 +138,7 @@ def run_single(
             hold.note(mlflow_parent_run_id=parent, run_dir=str(rd.root.resolve()))
             ctx = TrackingContext(tracker, parent)
             return run_stage(stage, cfg, rd, ctx, reuse=reuse, force=force, **kwargs)
-    except (ConfigError, ArtifactError, ValueError, FileNotFoundError, PipelineBusyError) as exc:
+    except (*EXPECTED, ChildProcessError) as exc:  # a failed rank's traceback is above
         fail(str(exc))
 
 
@@ -163,9 +166,19 @@ def train(
         bool, typer.Option("--resume", help="continue from train/checkpoint.pt")
     ] = False,
     force: ForceOpt = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="data-parallel processes (train.processes): torchrun on this machine, or Ray "
+            "workers with train.engine=ray; train.batch_size stays the global batch",
+        ),
+    ] = None,
 ) -> None:
     """Run only the train stage against a run directory (optionally resuming)."""
-    rec = run_single("train", run_dir, config, set_ or [], force=force, resume=resume)
+    overrides = [*(set_ or []), *([f"train.processes={processes}"] if processes else [])]
+    rec = run_single("train", run_dir, config, overrides, force=force, resume=resume)
     _print_record(rec, run_dir)
 
 

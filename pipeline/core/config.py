@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -188,19 +188,48 @@ class TrainConfig(_Strict):
     steps_per_epoch: int | None = Field(None, ge=1)
     seed: Seed = 0  # seed of init and batch order
     refit: bool = True  # after selection, retrain on train+valid for the best epoch count
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
+    # torch intra-op threads on this machine, shared by its training processes (each takes
+    # threads // processes on the machine); None = torch's default (1 a process under torchrun)
+    threads: int | None = Field(None, ge=1)
     # float32 matmuls: "highest" = full fp32; "high"/"medium" let them run on TF32 / bf16 units
     # (GPU TF32; CPU AMX/AVX-512 bf16 via oneDNN; plain fp32 where the CPU has neither) with
     # fp32 tensors and accumulation, in training and its validation (not in evaluate)
     matmul_precision: Literal["highest", "high", "medium"] = "medium"
+    # where training runs: "auto" = CUDA when torch.cuda.is_available(), else the CPU; under
+    # torchrun each process takes the GPU of its LOCAL_RANK
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "bf16": forward and loss under torch.autocast(bfloat16) on CPU or CUDA (weights, gradients
+    # and optimiser stay float32); "fp32": no autocast. Unlike matmul_precision, which only lets
+    # float32 matmuls use bf16/TF32 units, autocast also runs elementwise ops and activations
+    # in bf16; with "bf16" matmul_precision only affects what autocast leaves in float32
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # data-parallel processes and who starts them: "local" = this machine (this process when
+    # processes = 1, else torchrun --standalone starts them); "torchrun" = the same, always
+    # through torchrun, and inside a job torchrun started (several machines: WORLD_SIZE set)
+    # this process is one of its ranks; "ray" = `processes` Ray Train workers (TorchTrainer)
+    # on the cluster of RAY_ADDRESS, or a local one. train.batch_size stays the global batch:
+    # each process encodes batch_size / processes rows a step
+    engine: Literal["local", "torchrun", "ray"] = "local"
+    processes: int = Field(1, ge=1)
     # row-sparse table gradients + lazy (row-wise) Adam on the tables (pipeline/training/optim.py);
     # "auto": on when the embedding tables hold more than 64M parameters (and no weight decay)
     sparse_embeddings: bool | Literal["auto"] = "auto"
     progress: bool = True  # show a progress bar
     warm_start: str | None = None  # previous run dir or bundle: known ids' rows start from it
 
+    # where and how fast training runs, not what it computes: left out of the config hash, so
+    # changing them neither marks a trained model stale nor stops a resume
+    UNHASHED: ClassVar[frozenset[str]] = frozenset(
+        {"threads", "progress", "device", "engine", "processes"}
+    )
+
     @model_validator(mode="after")
     def _lr_floor(self) -> TrainConfig:
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.processes "
+                f"({self.processes}): each process encodes batch_size / processes rows a step"
+            )
         if self.sparse_embeddings is True and self.weight_decay > 0:
             raise ValueError(
                 f"train.weight_decay ({self.weight_decay}) needs dense table updates: "
@@ -219,11 +248,11 @@ class IndexConfig(_Strict):
     """The FAISS index over all items, and the search-time setting it is served with.
 
     ``factory: auto`` picks by catalogue size N (``pipeline.retrieval.index.auto_factory``):
-    ``Flat`` (exact) below 100k items; ``IVF{n},Flat`` with n = 4·sqrt(N) rounded to a multiple
-    of 64 below 2M; ``IVF{n},PQ{d/2}x4fs,RFlat`` (fast-scan PQ + exact re-ranking) from 2M; IVF k-means
-    trains on at most 64 sampled vectors a list, so the build grows about linearly. With
-    ``tune``, nprobe (IVF) / efSearch (HNSW) is swept on sampled user vectors and the smallest
-    value whose ANN recall@tune_k reaches ``target_recall`` is saved with the index.
+    ``Flat`` (exact) below 100k items; ``IVF{n},Flat`` with n = 4·sqrt(N) rounded to a
+    multiple of 64 below 2M; ``IVF{n},PQ{d/2}x4fs,RFlat`` (fast-scan PQ + exact re-ranking) from
+    2M; IVF k-means trains on at most 64 sampled vectors a list, so the build grows about
+    linearly. With ``tune``, nprobe (IVF) / efSearch (HNSW) is swept on sampled user vectors and
+    the smallest value whose ANN recall@tune_k reaches ``target_recall`` is saved with the index.
     """
 
     factory: str = "auto"  # faiss.index_factory string ("Flat", "IVF1024,Flat", "HNSW32", ...)

@@ -65,11 +65,17 @@ def files_hash(paths: Iterable[Path], relative_to: Path | None = None) -> str:
     return h.hexdigest()
 
 
+def _hashed(section: Any) -> dict[str, Any]:
+    """A section's values without its ``UNHASHED`` keys (where a stage runs, not what it
+    computes: threads, devices, processes)."""
+    return section.model_dump(mode="json", exclude=set(getattr(section, "UNHASHED", ())))
+
+
 def sections_hash(cfg: Any, sections: Iterable[str]) -> str:
     """A short stable hash (16 hex) of the named config sections of ``cfg``.
 
     ``cfg`` is anything with the sections as pydantic attributes (the whole ``Config``, or a
     stage's part of it such as ``TrainSpec``): equal hashes = the stage read the same values.
     """
-    data = {s: getattr(cfg, s).model_dump(mode="json") for s in sections}
+    data = {s: _hashed(getattr(cfg, s)) for s in sections}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -3,7 +3,7 @@
 Items are rows 1..n_items-1 of the item vocabulary (row 0 is out-of-vocabulary and is never
 retrieved), encoded with their train+valid audience. Users are those with at least one test
 event, encoded with their train+valid history: the same inputs serving gives the exported user
-tower.
+tower. The towers run on a GPU when torch sees one, on the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pipeline.core.rundir import (
     write_parquet,
 )
 from pipeline.training.batches import load_feature_tensors, load_pairs
+from pipeline.training.distributed import resolve_device
 from pipeline.training.encoding import encode_items, encode_users, load_model
 
 
@@ -43,6 +44,9 @@ def embed_stage(run: RunDir, batch_size: int = 8192) -> StageRecord:
     ft = load_feature_tensors(run, phases=("all",))  # encoded with train+valid inputs only
     if not model.config.item_audience:
         ft = ft.without_audience()
+    device = resolve_device("auto")  # a GPU when torch sees one: the towers' forward there
+    model.to(device)
+    ft = ft.on(device)
     item_vecs = encode_items(model, ft, "all", batch_size).numpy()  # (n_items - 1, dim)
     test_users, _ = load_pairs(run, ["test"])
     has_test = np.zeros(ft.n_users, dtype=bool)  # (n_users,) by row: no sort of 10^8 events

@@ -50,14 +50,26 @@ class FeatureTensors:
     meta: dict[str, Any]
     audience_train: torch.Tensor | None = None  # (n_items, A) int64 user rows, 0 = padding
     audience_all: torch.Tensor | None = None  # (n_items, A) train + valid users
+    # where batches go (see ``on``): None = stay where the tables are (the CPU)
+    device: torch.device | None = None
+
+    def on(self, device: torch.device) -> FeatureTensors:
+        """These tensors with batches delivered on ``device``: the tables stay in host memory
+        and each batch is gathered there, then sent (pinned, non-blocking on CUDA)."""
+        return replace(self, device=None if device.type == "cpu" else device)
+
+    def send(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` on this object's device (unchanged on the CPU)."""
+        return to_device(batch, self.device)
 
     def user_batch(self, user_idx: torch.Tensor, history: str = "train") -> dict[str, torch.Tensor]:
         """Inputs of the user tower for these users (history from 'train' or 'all')."""
+        user_idx = user_idx.cpu()  # (B,) the tables' rows, in host memory
         hist = self.history_train if history == "train" else self.history_all
         batch = {"user_idx": user_idx, "history": hist[user_idx]}
         for name, table in self.user_attrs.items():
             batch[f"ua_{name}"] = table[user_idx]
-        return batch
+        return self.send(batch)
 
     def without_audience(self) -> FeatureTensors:
         """These tensors with the audiences dropped: item batches then skip their gather
@@ -68,13 +80,25 @@ class FeatureTensors:
         self, item_idx: torch.Tensor, audience: str = "train"
     ) -> dict[str, torch.Tensor]:
         """Inputs of the item tower for these items (audience from 'train' or 'all')."""
+        item_idx = item_idx.cpu()  # (B,) the tables' rows, in host memory
         batch = {"item_idx": item_idx}
         aud = self.audience_train if audience == "train" else self.audience_all
         if aud is not None:
             batch["audience"] = aud[item_idx]
         for name, table in self.item_attrs.items():
             batch[f"ia_{name}"] = table[item_idx]
+        return self.send(batch)
+
+
+def to_device(
+    batch: dict[str, torch.Tensor], device: torch.device | None
+) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``: the same dict for None or the CPU; on CUDA each tensor is
+    copied to pinned (page-locked) host memory and sent with ``non_blocking``, so the copy
+    overlaps the GPU's work on the previous step instead of stalling the host."""
+    if device is None or device.type == "cpu":
         return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _attr_tensors(df: pl.DataFrame, idx: np.ndarray, spec: dict[str, Any], n: int) -> dict:

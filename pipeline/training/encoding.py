@@ -126,14 +126,15 @@ def encode_items(
     model: TwoTower, ft: FeatureTensors, audience: str, batch_size: int = 8192
 ) -> torch.Tensor:
     """Vectors of item rows 1..n_items-1 (row 0 is the OOV row, never retrieved), with their
-    train-only or train+valid audience."""
+    train-only or train+valid audience; encoded on the model's device (``ft`` sends the
+    batches there), returned in host memory."""
     model.eval()
     ids = torch.arange(1, ft.n_items)
     out = [
         model.encode_items(ft.item_batch(ids[s : s + batch_size], audience))
         for s in range(0, len(ids), batch_size)
     ]
-    return torch.cat(out)  # (n_items - 1, dim)
+    return torch.cat(out).cpu()  # (n_items - 1, dim) in host memory, wherever the model is
 
 
 @torch.no_grad()
@@ -146,4 +147,4 @@ def encode_users(
         model.encode_users(ft.user_batch(users[s : s + batch_size], history))
         for s in range(0, len(users), batch_size)
     ]
-    return torch.cat(out) if out else torch.zeros(0, model.user_tower.dim)  # (U, dim)
+    return torch.cat(out).cpu() if out else torch.zeros(0, model.user_tower.dim)  # (U, dim)

@@ -150,6 +150,19 @@ class SplitOptimizer:
             self.dense.load_state_dict(state["dense"])
 
 
+def gradient_groups(
+    opt: torch.optim.Optimizer | SplitOptimizer,
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(dense, row-sparse) parameters of ``opt``: what a data-parallel step averages over the
+    ranks, the first with an all-reduce, the second (:class:`RowSparseAdam`'s tables) by
+    gathering rows (:meth:`pipeline.training.distributed.Dist.average_gradients`)."""
+    if isinstance(opt, SplitOptimizer):
+        sparse = [p for g in opt.sparse.param_groups for p in g["params"]]
+        dense = [p for g in opt.dense.param_groups for p in g["params"]] if opt.dense else []
+        return dense, sparse
+    return [p for g in opt.param_groups for p in g["params"]], []
+
+
 AUTO_SPARSE_PARAMS = 64_000_000  # "auto": row-sparse above this many table parameters
 # (measured, Zipf-skewed ids, bf16, 2 cores: 30k x 41k rows at dim 256 = 18M parameters, dense
 # 70 ms a step against 86 ms sparse; 500k x 200k at dim 256 = 179M, dense 241 ms, sparse 104 ms)
