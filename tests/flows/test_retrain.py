@@ -27,8 +27,11 @@ def flow_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
     from flows.retrain import retrain
 
     work = tmp_path_factory.mktemp("work")
+    # trained by 2 torchrun processes: the flow passes the engine through like any other key
     run_dir = retrain(
-        config=str(CONFIGS / "tiny.yaml"), overrides=["train.epochs=2"], workdir=str(work)
+        config=str(CONFIGS / "tiny.yaml"),
+        overrides=["train.epochs=2", "train.engine=torchrun", "train.processes=2"],
+        workdir=str(work),
     )
     return work, RunDir(run_dir)
 
@@ -49,6 +52,7 @@ def test_flow_runs_every_stage_and_tracks_them(flow_run) -> None:
     assert set(nested) == set(STAGES)
     train = nested["train"]
     assert "valid_recall_at_20" in train["metrics"] and "loss" in train["metrics"]
+    assert train["metrics"]["processes"] == 2 and parent["params"]["train.processes"] == "2"
     assert train["params"]["train.epochs"] == "2"
     summary = json.loads(run.path(EVAL_SUMMARY).read_text())
     assert nested["evaluate"]["metrics"]["index/recall_at_20"] == pytest.approx(
@@ -144,7 +148,8 @@ def test_unchanged_rerun_skips_every_stage_in_the_same_run_dir(flow_run, tmp_pat
     work, run = flow_run
     from flows.retrain import retrain
 
-    # the same config and data in a fresh work directory holding a copy of the run
+    # the same config and data in a fresh work directory holding a copy of the run; in one
+    # process this time: where training ran is not part of the config (hash)
     shutil.copytree(run.root, tmp_path / run.root.name)
     before = {s: r["finished_at"] for s, r in run.manifest()["stages"].items()}
     state = retrain(
